@@ -1,0 +1,170 @@
+"""PSOFT: orthogonal fine-tuning inside the principal subspace of each pretrained weight.
+
+With the top-r SVD ``W = U S V^T + W_res``, ``A = V_r^T`` and ``B = U_r S_r`` are frozen and
+
+    W' = W_res + B C A,     C = diag(beta) R diag(alpha),     R = cayley(Q),
+
+so the forward is ``y = base(x) + (x A^T) (B (C - I))^T``: the frozen layer runs untouched and the adapter adds
+an r-wide path that is exactly zero at init (Q = 0, alpha = beta = 1). A Conv2d is viewed as
+``(out, in * kh * kw)``: A becomes a conv with r output channels and the layer's kernel and stride, and
+``B (C - I)`` a 1x1 conv.
+"""
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from ..layer import Adapter
+from ..orthogonal import orthogonal_from_packed, packed_size
+from .common import AdapterConfig, check_neumann_terms, conv_geometry
+
+SVD_MODES = ("full", "lowrank")
+
+
+@dataclass(kw_only=True)
+class PSOFTConfig(AdapterConfig):
+    """PSOFT settings. ``neumann_terms=None`` is the exact Cayley transform.
+
+    ``split_qkv=True`` gives q, k and v of a fused ``qkv`` Linear (timm) their own r-dimensional subspaces,
+    as the paper adapted separate projections; it triples that layer's parameters.
+    """
+
+    rank: int = 46
+    scale_a: bool = True
+    scale_b: bool = True
+    neumann_terms: int | None = None
+    svd: str = "full"
+    split_qkv: bool = False
+
+    method = "psoft"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise ConfigError(f"rank={self.rank!r} must be an integer >= 1 (the paper uses 46 on ViT-B/16).")
+        if self.svd not in SVD_MODES:
+            raise ConfigError(f"svd={self.svd!r} is not one of {SVD_MODES}.")
+        check_neumann_terms(self.neumann_terms)
+
+    def make_adapter(self, layer: nn.Module, layer_name: str) -> "PSOFTAdapter":
+        chunks = 3 if self.split_qkv and layer_name.split(".")[-1] == "qkv" else 1
+        return PSOFTAdapter(
+            layer,
+            self.rank,
+            chunks=chunks,
+            scale_a=self.scale_a,
+            scale_b=self.scale_b,
+            neumann_terms=self.neumann_terms,
+            dropout=self.dropout,
+            svd=self.svd,
+            layer_name=layer_name,
+        )
+
+
+def principal_subspace(weight: torch.Tensor, rank: int, svd: str = "full") -> tuple[torch.Tensor, torch.Tensor]:
+    """``A = V_r^T`` (rank, in) and ``B = U_r S_r`` (out, rank) of a 2-D weight, in fp32, with canonical signs.
+
+    Each singular pair is flipped so that the largest-magnitude entry of its column of U is positive: the same
+    weight then gives the same A and B on any machine (barring equal singular values).
+    """
+    weight = weight.detach().float()
+    if svd == "full":
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+    else:
+        with torch.random.fork_rng(devices=[weight.device] if weight.is_cuda else []):
+            torch.manual_seed(0)
+            u, s, v = torch.svd_lowrank(weight, q=min(rank + 8, *weight.shape), niter=4)
+        u, s, vh = u[:, :rank], s[:rank], v[:, :rank].T
+    pivot = u.abs().argmax(dim=0)
+    signs = torch.sign(u[pivot, torch.arange(u.shape[1], device=u.device)])
+    signs[signs == 0] = 1
+    return signs[:, None] * vh, u * (s * signs)
+
+
+class PSOFTAdapter(Adapter):
+    """PSOFT on one Linear or Conv2d; ``chunks`` > 1 splits the output rows into independent subspaces."""
+
+    method = "psoft"
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        rank: int,
+        *,
+        chunks: int = 1,
+        scale_a: bool = True,
+        scale_b: bool = True,
+        neumann_terms: int | None = None,
+        dropout: float = 0.0,
+        svd: str = "full",
+        layer_name: str = "",
+    ):
+        super().__init__()
+        self.conv = conv_geometry(layer, layer_name)
+        weight = layer.weight.detach()
+        out_features = weight.shape[0]
+        if out_features % chunks:
+            raise ConfigError(f"{layer_name!r}: {out_features} output rows cannot be split into {chunks} chunks.")
+        chunk_rows = out_features // chunks
+        max_rank = min(chunk_rows, math.prod(weight.shape[1:]))
+        if rank > max_rank:
+            warnings.warn(f"{layer_name!r}: rank {rank} exceeds what a {tuple(weight.shape)} weight allows; "
+                          f"using rank {max_rank}.", stacklevel=4)
+            rank = max_rank
+        self.rank, self.chunks, self.neumann_terms = rank, chunks, neumann_terms
+        self.weight_shape = tuple(weight.shape)
+
+        factors = [principal_subspace(w, rank, svd) for w in weight.flatten(1).chunk(chunks)]
+        a = torch.cat([a for a, _ in factors]).to(weight.dtype)  # (chunks * rank, in * kh * kw)
+        b = torch.stack([b for _, b in factors]).to(weight.dtype)  # (chunks, out / chunks, rank)
+        self.register_buffer("A", a, persistent=False)
+        self.register_buffer("B", b, persistent=False)
+
+        self.q = nn.Parameter(torch.zeros(chunks, packed_size(rank), device=weight.device))
+        ones = torch.ones(chunks, rank, device=weight.device)
+        self.alpha = nn.Parameter(ones.clone()) if scale_a else None
+        self.beta = nn.Parameter(ones.clone()) if scale_b else None
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def transform(self) -> torch.Tensor:
+        """``C = diag(beta) R diag(alpha)`` per chunk, fp32, shape (chunks, rank, rank)."""
+        c = orthogonal_from_packed(self.q, self.rank, self.neumann_terms)
+        if self.beta is not None:
+            c = self.beta.float()[..., :, None] * c
+        if self.alpha is not None:
+            c = c * self.alpha.float()[..., None, :]
+        return c
+
+    def up_weight(self) -> torch.Tensor:
+        """``B (C - I)`` as one (out, chunks * rank) matrix in fp32, block-diagonal over chunks."""
+        eye = torch.eye(self.rank, device=self.q.device)
+        up = self.B.float() @ (self.transform() - eye)
+        return up[0] if self.chunks == 1 else torch.block_diag(*up.unbind(0))
+
+    def delta_weight(self) -> torch.Tensor:
+        """``B (C - I) A`` in the layer's weight shape, fp32."""
+        return (self.up_weight() @ self.A.float()).reshape(self.weight_shape)
+
+    def forward(self, x: torch.Tensor, inner) -> torch.Tensor:
+        up = self.up_weight().to(x.dtype)
+        a = self.A.to(x.dtype)
+        h = self.dropout(x)
+        if self.conv is None:
+            return inner(x) + F.linear(F.linear(h, a), up)
+        h = F.conv2d(h, a.reshape(-1, *self.weight_shape[1:]), **self.conv)
+        return inner(x) + F.conv2d(h, up[..., None, None])
+
+    def merge_into(self, weight: torch.Tensor) -> torch.Tensor:
+        return (weight.float() + self.delta_weight()).to(weight.dtype)
+
+    def unmerge_from(self, weight: torch.Tensor) -> torch.Tensor:
+        return (weight.float() - self.delta_weight()).to(weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, chunks={self.chunks}, neumann_terms={self.neumann_terms}"
