@@ -26,3 +26,27 @@ class AdapterNameError(PSOFTVisionError, KeyError):
 
     def __str__(self) -> str:  # KeyError would print the message in quotes
         return str(self.args[0]) if self.args else ""
+
+
+class AdapterFileError(PSOFTVisionError, ValueError):
+    """A file is missing, truncated, not safetensors, or not a psoft_vision adapter."""
+
+
+class AdapterVersionError(AdapterFileError):
+    """An adapter file was written in a newer format than this version reads."""
+
+
+class KeyMismatchError(AdapterFileError):
+    """An adapter file's tensors (names or shapes) do not fit the model or the adapter it describes."""
+
+
+class BaseModelMismatchError(PSOFTVisionError, ValueError):
+    """An adapter file was trained on other base weights than the model's."""
+
+
+class LoRAExportError(ConfigError):
+    """An adapter's update cannot be written as the LoRA that was asked for."""
+
+
+class NotLowRankError(LoRAExportError):
+    """The adapter's update is not low rank (OFTv2): only ``full_deltas=True`` can export it exactly."""

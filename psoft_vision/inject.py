@@ -1,21 +1,14 @@
-"""Putting adapters into a model, merging them, and saying what is trained."""
+"""Putting adapters into a model, and saying what is trained."""
 
 from collections import Counter
-from collections.abc import Iterator
 
 from torch import nn
 
 from .errors import AdapterNameError, TargetNotFoundError
 from .layer import AdaptedLayer
+from .lifecycle import adapted_layers
 from .methods import AdapterConfig, PSOFTConfig
 from .targets import excluder, select
-
-
-def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
-    """``(name, layer)`` for every adapted layer of ``model``."""
-    for name, module in model.named_modules():
-        if isinstance(module, AdaptedLayer):
-            yield name, module
 
 
 def inject(model: nn.Module, config: AdapterConfig | None = None, name: str = "default") -> nn.Module:
@@ -53,6 +46,7 @@ def inject(model: nn.Module, config: AdapterConfig | None = None, name: str = "d
             module.unmerge()  # a new subspace comes from the pretrained weight, not a merged one
             module = module.base
         adapters[layer_name] = config.make_adapter(module, layer_name)
+        adapters[layer_name].config = config
 
     model.requires_grad_(False)
     for layer_name, adapter in adapters.items():
@@ -63,20 +57,6 @@ def inject(model: nn.Module, config: AdapterConfig | None = None, name: str = "d
         module.add(name, adapter)
     for module_name in trained:
         model.get_submodule(module_name).requires_grad_(True)
-    return model
-
-
-def merge(model: nn.Module) -> nn.Module:
-    """Fold every active adapter into its base weight; the forward then costs what the base model costs."""
-    for _, layer in adapted_layers(model):
-        layer.merge()
-    return model
-
-
-def unmerge(model: nn.Module) -> nn.Module:
-    """Undo :func:`merge`."""
-    for _, layer in adapted_layers(model):
-        layer.unmerge()
     return model
 
 

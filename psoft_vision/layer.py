@@ -3,7 +3,8 @@
 Every adapter is a transform of the layer's weight, ``W -> T(W)``; the active adapters stack in order, so the
 effective weight is ``T_n(...T_1(W))``. In the forward each adapter receives the input and the layer built from
 the adapters below it (``inner``), which is exactly that composition without ever forming ``T(W)``. Merging
-folds a prefix of the stack into the base weight in the same order, unmerging peels it off in reverse.
+folds a prefix of the stack into the base weight in the same order; the pretrained weight is kept aside while
+anything is merged, so unmerging gives it back bit for bit.
 """
 
 from functools import partial
@@ -15,9 +16,15 @@ SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
 
 
 class Adapter(nn.Module):
-    """Interface of one adapter on one layer (see :mod:`psoft_vision.methods`)."""
+    """Interface of one adapter on one layer (see :mod:`psoft_vision.methods`).
+
+    ``scale`` is the adapter's strength: 0 is the identity exactly, 1 the trained transform, and every value in
+    between keeps the transform orthogonal (the generator Q is scaled, the scaling vectors move toward 1).
+    """
 
     method: str
+    scale: float = 1.0
+    config = None  # the AdapterConfig it was injected with (set by inject)
 
     def forward(self, x: torch.Tensor, inner) -> torch.Tensor:
         """The adapted layer's output: ``inner`` is the layer with the adapters below this one."""
@@ -27,9 +34,15 @@ class Adapter(nn.Module):
         """``T(W)`` for a base weight ``W`` (any dtype; maths in fp32, result in ``W``'s dtype)."""
         raise NotImplementedError
 
-    def unmerge_from(self, weight: torch.Tensor) -> torch.Tensor:
-        """``T^{-1}(W)``: undoes :meth:`merge_into`."""
+    def describe(self) -> dict:
+        """What an adapter file records of this adapter on its layer (rank, block size, ...)."""
         raise NotImplementedError
+
+    def scaled(self, p: torch.Tensor, neutral: float) -> torch.Tensor:
+        """``p`` moved toward ``neutral`` by the strength: ``neutral + scale * (p - neutral)``."""
+        if self.scale == 1.0:
+            return p
+        return neutral + self.scale * (p - neutral)
 
 
 class AdaptedLayer(nn.Module):
@@ -40,7 +53,8 @@ class AdaptedLayer(nn.Module):
         self.base = base
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
-        self.merged: list[str] = []  # always a prefix of ``active``: those already folded into base.weight
+        self.merged: list[str] = []  # always a prefix of ``active``: those folded into base.weight
+        self.original_weight: torch.Tensor | None = None  # the pretrained weight while anything is merged
 
     @property
     def weight(self) -> torch.Tensor:
@@ -49,6 +63,11 @@ class AdaptedLayer(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
+
+    @property
+    def pretrained_weight(self) -> torch.Tensor:
+        """The base weight without any adapter merged in."""
+        return self.base.weight if self.original_weight is None else self.original_weight
 
     def add(self, name: str, adapter: Adapter) -> None:
         self.unmerge()
@@ -62,18 +81,22 @@ class AdaptedLayer(nn.Module):
         return layer(x)
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold every active adapter that is not merged yet into the base weight, innermost first."""
-        for name in self.active[len(self.merged) :]:
+    def merge(self, upto: str | None = None) -> None:
+        """Fold the active adapters (up to and including ``upto``) into the base weight, innermost first."""
+        stop = len(self.active) if upto is None else self.active.index(upto) + 1
+        for name in self.active[len(self.merged) : stop]:
+            if self.original_weight is None:
+                self.original_weight = self.base.weight.detach().clone()
             self.base.weight.copy_(self.adapters[name].merge_into(self.base.weight))
             self.merged.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take every merged adapter out of the base weight, outermost first."""
-        while self.merged:
-            name = self.merged.pop()
-            self.base.weight.copy_(self.adapters[name].unmerge_from(self.base.weight))
+        """Put the pretrained weight back, bit for bit."""
+        if self.original_weight is not None:
+            self.base.weight.copy_(self.original_weight)
+        self.original_weight = None
+        self.merged = []
 
     def extra_repr(self) -> str:
         return f"active={self.active}, merged={self.merged}"

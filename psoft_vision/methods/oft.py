@@ -61,7 +61,7 @@ class OFTAdapter(Adapter):
 
     def rotations(self) -> torch.Tensor:
         """The diagonal blocks of R, fp32, shape (blocks, b, b)."""
-        return orthogonal_from_packed(self.q, self.block_size, self.neumann_terms)
+        return orthogonal_from_packed(self.scaled(self.q, 0.0), self.block_size, self.neumann_terms)
 
     def forward(self, x: torch.Tensor, inner) -> torch.Tensor:
         r = self.rotations()
@@ -75,16 +75,12 @@ class OFTAdapter(Adapter):
             rotated = torch.einsum("...ki,kji->...kj", x.unflatten(-1, (self.blocks, self.block_size)), r).flatten(-2)
         return inner(rotated)
 
-    def _right_multiply(self, weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        w = weight.float().unflatten(1, (self.blocks, self.block_size))
-        return torch.einsum("oki...,kij->okj...", w, blocks).flatten(1, 2).to(weight.dtype)
-
     def merge_into(self, weight: torch.Tensor) -> torch.Tensor:
-        return self._right_multiply(weight, self.rotations())
+        w = weight.float().unflatten(1, (self.blocks, self.block_size))
+        return torch.einsum("oki...,kij->okj...", w, self.rotations()).flatten(1, 2).to(weight.dtype)
 
-    def unmerge_from(self, weight: torch.Tensor) -> torch.Tensor:
-        # The inverse, not the transpose: a truncated Neumann series is only nearly orthogonal.
-        return self._right_multiply(weight, torch.linalg.inv(self.rotations()))
+    def describe(self) -> dict:
+        return {"block_size": self.block_size, "blocks": self.blocks}
 
     def extra_repr(self) -> str:
         return f"block_size={self.block_size}, blocks={self.blocks}, neumann_terms={self.neumann_terms}"

@@ -1,0 +1,138 @@
+"""The adapter lifecycle on a whole model: merge, strength, disable, choose active adapters, remove."""
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from torch import nn
+
+from .errors import AdapterNameError, ConfigError
+from .layer import AdaptedLayer
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
+    """``(name, layer)`` for every adapted layer of ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdaptedLayer):
+            yield name, module
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Every adapter name on the model, in the order they were added."""
+    names = {}
+    for _, layer in adapted_layers(model):
+        names.update(dict.fromkeys(layer.adapters))
+    return list(names)
+
+
+def _check_names(model: nn.Module, names: Sequence[str]) -> None:
+    present = adapter_names(model)
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise AdapterNameError(f"no adapter named {missing} on {type(model).__name__}; it has {present}.")
+
+
+def one_adapter_name(model: nn.Module, name: str | None) -> str:
+    """``name`` checked to be on the model, or the model's only adapter name when ``name`` is None."""
+    names = adapter_names(model)
+    if not names:
+        raise AdapterNameError(f"{type(model).__name__} has no adapters; inject (or load) one first.")
+    if name is None:
+        if len(names) > 1:
+            raise AdapterNameError(f"the model has adapters {names}; pass name= to choose one.")
+        return names[0]
+    _check_names(model, [name])
+    return name
+
+
+def merge(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Fold the active adapters into the base weights; the forward then costs what the base model costs.
+
+    With ``name``, that adapter and the active ones below it are merged (those below must go first for the
+    forward to stay the same); adapters above it stay unmerged.
+    """
+    if name is not None:
+        _check_names(model, [name])
+    for _, layer in adapted_layers(model):
+        if name is None or name in layer.active:
+            layer.merge(upto=name)
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Put every pretrained weight back, bit for bit; the adapters stay on and active."""
+    for _, layer in adapted_layers(model):
+        layer.unmerge()
+    return model
+
+
+@contextmanager
+def _unmerged(model: nn.Module):
+    """Unmerge for the duration, then merge again as many adapters per layer as were merged."""
+    merged = {name: len(layer.merged) for name, layer in adapted_layers(model)}
+    unmerge(model)
+    try:
+        yield
+    finally:
+        for name, layer in adapted_layers(model):
+            if merged.get(name) and layer.active:
+                layer.merge(upto=layer.active[min(merged[name], len(layer.active)) - 1])
+
+
+def set_scale(model: nn.Module, t: float, name: str | None = None) -> nn.Module:
+    """Set the strength of adapter ``name`` (default: all): 0 is the base model exactly, 1 the trained adapter.
+
+    PSOFT scales its generator Q by ``t`` and moves the scaling vectors toward 1; OFT scales Q: in between, each
+    transform stays orthogonal. Merged layers are merged again at the new strength.
+    """
+    if not isinstance(t, int | float) or isinstance(t, bool) or not math.isfinite(t):
+        raise ConfigError(f"strength t={t!r} must be a finite number (0 = base model, 1 = trained adapter).")
+    if name is not None:
+        _check_names(model, [name])
+    with _unmerged(model):
+        for _, layer in adapted_layers(model):
+            for adapter_name, adapter in layer.adapters.items():
+                if name is None or adapter_name == name:
+                    adapter.scale = float(t)
+    return model
+
+
+def activate(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
+    """Make ``names`` the active adapters, applied in that order (first innermost), on every layer that has them."""
+    names = [names] if isinstance(names, str) else list(names)
+    _check_names(model, names)
+    if len(set(names)) != len(names):
+        raise AdapterNameError(f"adapter names {names} repeat; give each once.")
+    for _, layer in adapted_layers(model):
+        layer.unmerge()
+        layer.active = [n for n in names if n in layer.adapters]
+    return model
+
+
+@contextmanager
+def disabled(model: nn.Module):
+    """Run the base model: every adapter is off inside the block and restored (merged state too) after it."""
+    active = {name: list(layer.active) for name, layer in adapted_layers(model)}
+    with _unmerged(model):
+        for _, layer in adapted_layers(model):
+            layer.active = []
+        try:
+            yield model
+        finally:
+            for name, layer in adapted_layers(model):
+                layer.active = active.get(name, [])
+
+
+def remove(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Remove adapter ``name`` (default: all). A layer left without adapters becomes its original module again,
+    with its original weight, bit for bit."""
+    if name is not None:
+        _check_names(model, [name])
+    for layer_name, layer in list(adapted_layers(model)):
+        layer.unmerge()
+        if name is not None and name in layer.adapters:
+            del layer.adapters[name]
+            layer.active = [n for n in layer.active if n != name]
+        if name is None or not layer.adapters:
+            model.set_submodule(layer_name, layer.base)
+    return model
