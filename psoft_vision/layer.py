@@ -38,6 +38,19 @@ class Adapter(nn.Module):
         """What an adapter file records of this adapter on its layer (rank, block size, ...)."""
         raise NotImplementedError
 
+    def cached(self, compute):
+        """``compute()``, kept between calls while gradients are off and nothing it reads has changed: an eval-mode
+        forward then costs no solve. Parameters' in-place updates, moves and the strength all invalidate it."""
+        if torch.is_grad_enabled():
+            self._cache = None
+            return compute()
+        tensors = [*self.parameters(), *self.buffers()]
+        key = (self.scale, *((t.data_ptr(), t._version) for t in tensors))
+        cache = getattr(self, "_cache", None)
+        if cache is None or cache[0] != key:
+            cache = self._cache = (key, compute())
+        return cache[1]
+
     def scaled(self, p: torch.Tensor, neutral: float) -> torch.Tensor:
         """``p`` moved toward ``neutral`` by the strength: ``neutral + scale * (p - neutral)``."""
         if self.scale == 1.0:

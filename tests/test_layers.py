@@ -213,3 +213,35 @@ def test_subspace_signs_are_canonical_and_lowrank_agrees():
     a_low, b_low = principal_subspace(w, 10, svd="lowrank")
     assert torch.allclose(a_low, a, atol=1e-4) and torch.allclose(b_low, b, atol=1e-4)
     assert torch.equal(principal_subspace(w, 10, svd="lowrank")[0], a_low)  # seeded
+
+
+def test_fused_linear_path_matches_the_generic_one_in_values_and_gradients():
+    """A plain frozen Linear runs with its PSOFT adapter in one autograd node; a hook on the base layer forces the
+    generic path, which must give the same output and gradients."""
+    outputs = []
+    for force_generic in (False, True):
+        torch.manual_seed(0)
+        model = Holder(nn.Linear(64, 96))
+        pv.inject(model, pv.PSOFTConfig(rank=8, targets=["layer"]))
+        randomize_adapters(model)
+        if force_generic:
+            model.layer.base.register_forward_hook(lambda module, args, out: None)
+        x = torch.randn(4, 10, 64, generator=torch.Generator().manual_seed(5), requires_grad=True)
+        y = model(x)
+        (y * torch.linspace(-1, 1, 96)).sum().backward()
+        adapter = model.layer.adapters["default"]
+        outputs.append((y.detach(), x.grad, adapter.q.grad, adapter.alpha.grad, adapter.beta.grad))
+    for fused, generic in zip(*outputs, strict=True):
+        assert rel_err(fused, generic) <= 1e-5
+
+
+def test_psoft_runs_under_autocast():
+    model, x, expected, _ = build("psoft", "linear")
+    randomize_adapters(model)
+    reference = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y.float(), reference) <= 2e-2
+    y.float().sum().backward()
+    assert model.layer.adapters["default"].q.grad is not None

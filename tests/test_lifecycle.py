@@ -140,3 +140,22 @@ def test_remove_puts_the_original_modules_and_weights_back(x):
         assert torch.equal(p, weights[name])
     assert torch.equal(model(x), base)
     assert pv.adapter_names(model) == []
+
+
+@torch.no_grad()
+def test_eval_cache_follows_parameter_updates_and_strength(x):
+    model = vit()
+    base = model(x)
+    pv.inject(model, pv.PSOFTConfig(rank=8))
+    adapter = model.blocks[0].attn.qkv.adapters["default"]
+    first = adapter.up_weight()
+    assert adapter.up_weight() is first  # cached while nothing changed
+    randomize_adapters(model)  # in-place updates, as an optimiser makes them
+    adapted = model(x)
+    assert rel_err(adapted, base) > 1e-3
+    pv.set_scale(model, 0.0)
+    assert torch.equal(model(x), base)
+    pv.set_scale(model, 1.0)
+    assert torch.equal(model(x), adapted)
+    with torch.enable_grad():
+        assert adapter.up_weight() is not adapter.up_weight()  # never cached while training

@@ -61,7 +61,8 @@ class OFTAdapter(Adapter):
 
     def rotations(self) -> torch.Tensor:
         """The diagonal blocks of R, fp32, shape (blocks, b, b)."""
-        return orthogonal_from_packed(self.scaled(self.q, 0.0), self.block_size, self.neumann_terms)
+        return self.cached(lambda: orthogonal_from_packed(self.scaled(self.q, 0.0), self.block_size,
+                                                          self.neumann_terms))
 
     def forward(self, x: torch.Tensor, inner) -> torch.Tensor:
         r = self.rotations()

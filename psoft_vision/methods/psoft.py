@@ -91,6 +91,45 @@ def principal_subspace(weight: torch.Tensor, rank: int, svd: str = "full") -> tu
     return signs[:, None] * vh, u * (s * signs)
 
 
+def _fusable(inner) -> bool:
+    """A plain frozen Linear without hooks: the adapter can run together with it in one autograd node."""
+    return (
+        type(inner) is nn.Linear
+        and not inner.weight.requires_grad
+        and (inner.bias is None or not inner.bias.requires_grad)
+        and not (inner._forward_hooks or inner._forward_pre_hooks)
+    )
+
+
+class _PrincipalLinear(torch.autograd.Function):
+    """``y = x W^T + b + (x A^T) U^T`` for a frozen W, b, A and a trainable ``U = B (C - I)``.
+
+    One node instead of five: the forward adds the r-wide path into the base output in place, the backward forms
+    the input gradient ``g W + (g U) A`` with one fused multiply-add, and only ``z = x A^T`` (r wide) is kept.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, up):
+        x2 = x.reshape(-1, x.shape[-1])
+        z = x2 @ a.T
+        y = x2 @ weight.T if bias is None else torch.addmm(bias, x2, weight.T)
+        y.addmm_(z, up.T)
+        ctx.save_for_backward(z, weight, a, up)
+        ctx.input_shape = x.shape
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, weight, a, up = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_up = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ weight).addmm_(g @ up, a).reshape(ctx.input_shape)
+        if ctx.needs_input_grad[4]:
+            grad_up = g.T @ z
+        return grad_x, None, None, None, grad_up
+
+
 class PSOFTAdapter(Adapter):
     """PSOFT on one Linear or Conv2d; ``chunks`` > 1 splits the output rows into independent subspaces."""
 
@@ -147,6 +186,9 @@ class PSOFTAdapter(Adapter):
 
     def up_weight(self) -> torch.Tensor:
         """``B (C - I)`` as one (out, chunks * rank) matrix in fp32, block-diagonal over chunks."""
+        return self.cached(self._up_weight)
+
+    def _up_weight(self) -> torch.Tensor:
         eye = torch.eye(self.rank, device=self.q.device)
         up = self.B.float() @ (self.transform() - eye)
         return up[0] if self.chunks == 1 else torch.block_diag(*up.unbind(0))
@@ -161,8 +203,13 @@ class PSOFTAdapter(Adapter):
         return (self.up_weight() @ self.A.float()).reshape(self.weight_shape)
 
     def forward(self, x: torch.Tensor, inner) -> torch.Tensor:
-        up = self.up_weight().to(x.dtype)
-        a = self.A.to(x.dtype)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        up = self.up_weight().to(dtype)
+        a = self.A.to(dtype)
+        if self.conv is None and _fusable(inner) and not (self.training and isinstance(self.dropout, nn.Dropout)):
+            with torch.autocast(x.device.type, enabled=False):
+                bias = None if inner.bias is None else inner.bias.to(dtype)
+                return _PrincipalLinear.apply(x.to(dtype), inner.weight.to(dtype), bias, a, up)
         h = self.dropout(x)
         if self.conv is None:
             return inner(x) + F.linear(F.linear(h, a), up)
