@@ -26,18 +26,27 @@ VIT_TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
 
 
 # ----------------------------------------------------------------------------------------------- workloads
-def vit_b16(device):
+def _timm_classifier(name: str, batch: int, size: int, device):
     import timm
 
-    model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=100).to(device)
+    model = timm.create_model(name, pretrained=False, num_classes=100).to(device)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(8, 3, 224, 224, generator=gen).to(device)
-    y = torch.randint(100, (8,), generator=gen).to(device)
+    x = torch.randn(batch, 3, size, size, generator=gen).to(device)
+    y = torch.randint(100, (batch,), generator=gen).to(device)
 
     def loss_fn(model, x=x):
         return F.cross_entropy(model(x), y)
 
     return model, (x,), loss_fn, dict(targets=VIT_TARGETS, head="head", lora_rank=8)
+
+
+def vit_b16(device):
+    return _timm_classifier("vit_base_patch16_224", 8, 224, device)
+
+
+def test_vit(device):
+    """A seconds-long smoke workload (timm's test_vit, batch 2): checks the machinery, measures nothing."""
+    return _timm_classifier("test_vit", 2, 160, device)
 
 
 def unet_small(device):
@@ -63,7 +72,7 @@ def unet_small(device):
     return model, (sample,), loss_fn, dict(targets=PRESETS["unet"], head=None, lora_rank=4)
 
 
-WORKLOADS = {"vit-b16": vit_b16, "unet-small": unet_small}
+WORKLOADS = {"vit-b16": vit_b16, "unet-small": unet_small, "test-vit": test_vit}
 
 
 # ------------------------------------------------------------------------------------------------- methods
@@ -223,6 +232,20 @@ def run_config(workload: str, method: str, steps: int, warmup: int, device: str)
 
 
 # -------------------------------------------------------------------------------------------------- driver
+def pool(runs: list[dict]) -> dict:
+    """One result from repeated runs of a configuration: medians over every measured step and every run."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[0]
+    out = dict(ok[0], runs=len(ok))
+    out["step_ms_all"] = [t for r in ok for t in r["step_ms_all"]]
+    out["step_ms"] = statistics.median(out["step_ms_all"])
+    for key in ("peak_mib", "setup_s", "infer_ms", "infer_merged_ms"):
+        values = [r[key] for r in ok if r[key] is not None]
+        out[key] = statistics.median(values) if values else None
+    return out
+
+
 def _ratio(value, reference):
     return None if value is None or not reference else value / reference
 
@@ -282,6 +305,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=10, help="measured training steps per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps first")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the list this many times, round robin, pooling the step times (noisy machines)")
+    parser.add_argument("--timeout", type=float, default=1200, help="seconds one configuration may take")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="directory for JSON, CSV and PNG")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -298,17 +324,21 @@ def main(argv=None):
     from tqdm import tqdm
 
     args.out.mkdir(parents=True, exist_ok=True)
-    results = []
-    configs = [(w, m) for w in workloads for m in methods]
+    runs = {}
+    configs = [(w, m) for _ in range(args.repeats) for w in workloads for m in methods]
     for workload, method in (bar := tqdm(configs, desc="bench", unit="config")):
         bar.set_postfix_str(f"{workload} {method}")
         command = [sys.executable, "-m", "psoft_vision.bench", "--worker", "--workloads", workload, "--methods",
                    method, "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
-        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        if done.returncode == 0:
-            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        else:
-            results.append(dict(workload=workload, method=method, error=done.stderr.strip().splitlines()[-1]))
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout,
+                                  env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            result = (json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else
+                      dict(workload=workload, method=method, error=(done.stderr.strip().splitlines() or ["?"])[-1]))
+        except subprocess.TimeoutExpired:
+            result = dict(workload=workload, method=method, error=f"timed out after {args.timeout:.0f} s")
+        runs.setdefault((workload, method), []).append(result)
+    results = [pool(rs) for rs in runs.values()]
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     keys = [k for k in results[0] if k != "step_ms_all"] if "error" not in results[0] else ["workload", "method"]
     with open(args.out / "results.csv", "w", newline="") as f:

@@ -1,0 +1,28 @@
+"""The benchmark driver end to end on a seconds-long workload: processes, table, JSON, CSV and chart."""
+
+import csv
+import json
+
+from psoft_vision import bench
+
+
+def test_bench_runs_each_configuration_and_writes_its_reports(tmp_path, capsys):
+    bench.main(["--workloads", "test-vit", "--methods", "floor,psoft,peft-lora", "--steps", "2", "--warmup", "1",
+                "--repeats", "2", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in results] == ["floor", "psoft", "peft-lora"]
+    assert all("error" not in r and r["runs"] == 2 and len(r["step_ms_all"]) == 4 for r in results)
+    by = {r["method"]: r for r in results}
+    assert by["floor"]["trainable"] == 0
+    assert by["psoft"]["trainable"] < by["peft-lora"]["trainable"]
+    assert by["psoft"]["adapter_bytes"] > 0 and by["psoft"]["infer_merged_ms"] > 0
+    with open(tmp_path / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3
+    assert (tmp_path / "results.png").stat().st_size > 1000
+    assert "x floor" in capsys.readouterr().out
+
+
+def test_a_failing_configuration_is_reported_not_fatal():
+    results = [bench.pool([dict(workload="w", method="m", error="boom")])]
+    assert results[0]["error"] == "boom"
+    assert "error: boom" in bench.table(results)
