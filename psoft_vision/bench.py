@@ -251,30 +251,43 @@ def _ratio(value, reference):
     return None if value is None or not reference else value / reference
 
 
-def table(results: list[dict]) -> str:
+def rows(results: list[dict]) -> list[tuple[str, ...]]:
+    """The report as text cells, header first; ratios against the floor and PEFT LoRA of the same workload."""
     by = {(r["workload"], r["method"]): r for r in results if "error" not in r}
     head = ("workload", "method", "trainable", "step ms", "x floor", "x lora", "peak MiB", "x floor", "x lora",
             "setup s", "infer ms", "merged ms", "file KiB")
-    rows = [head]
+    out = [head]
+
+    def fmt(value, spec=".2f"):
+        return "" if value is None else format(value, spec)
+
     for r in results:
         if "error" in r:
-            rows.append((r["workload"], r["method"], "error: " + r["error"][:60], *[""] * (len(head) - 3)))
+            out.append((r["workload"], r["method"], "error: " + r["error"][:60], *[""] * (len(head) - 3)))
             continue
         floor, lora = by.get((r["workload"], "floor")), by.get((r["workload"], "peft-lora"))
-
-        def fmt(v, spec=".2f"):
-            return "" if v is None else format(v, spec)
-
-        rows.append((
+        out.append((
             r["workload"], r["method"], f"{r['trainable']:,}", fmt(r["step_ms"], ".0f"),
             fmt(_ratio(r["step_ms"], floor and floor["step_ms"])), fmt(_ratio(r["step_ms"], lora and lora["step_ms"])),
             fmt(r["peak_mib"], ".0f"), fmt(_ratio(r["peak_mib"], floor and floor["peak_mib"])),
             fmt(_ratio(r["peak_mib"], lora and lora["peak_mib"])), fmt(r["setup_s"]), fmt(r["infer_ms"], ".0f"),
             fmt(r["infer_merged_ms"], ".0f"), fmt(r["adapter_bytes"] and r["adapter_bytes"] / 1024, ".1f"),
         ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    return out
+
+
+def table(results: list[dict]) -> str:
+    cells = rows(results)
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     return "\n".join("  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths,
-                     strict=True))) for row in rows)
+                      strict=True))) for row in cells)
+
+
+def markdown(results: list[dict]) -> str:
+    cells = rows(results)
+    lines = ["| " + " | ".join(row) + " |" for row in cells]
+    lines.insert(1, "|" + "---|" * len(cells[0]))
+    return "\n".join(lines) + "\n"
 
 
 def chart(results: list[dict], path: Path) -> None:
@@ -348,8 +361,9 @@ def main(argv=None):
         writer.writeheader()
         writer.writerows({k: v for k, v in r.items() if k != "step_ms_all"} for r in results)
     chart(results, args.out / "results.png")
+    (args.out / "results.md").write_text(markdown(results))
     print(table(results))
-    print(f"\nwritten: {args.out}/results.json, results.csv, results.png")
+    print(f"\nwritten: {args.out}/results.json, results.csv, results.md, results.png")
 
 
 if __name__ == "__main__":

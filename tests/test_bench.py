@@ -19,6 +19,7 @@ def test_bench_runs_each_configuration_and_writes_its_reports(tmp_path, capsys):
     with open(tmp_path / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 3
     assert (tmp_path / "results.png").stat().st_size > 1000
+    assert (tmp_path / "results.md").read_text().count("\n") == 5
     assert "x floor" in capsys.readouterr().out
 
 

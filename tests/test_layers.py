@@ -215,9 +215,11 @@ def test_subspace_signs_are_canonical_and_lowrank_agrees():
     assert torch.equal(principal_subspace(w, 10, svd="lowrank")[0], a_low)  # seeded
 
 
-def test_fused_linear_path_matches_the_generic_one_in_values_and_gradients():
-    """A plain frozen Linear runs with its PSOFT adapter in one autograd node; a hook on the base layer forces the
-    generic path, which must give the same output and gradients."""
+@pytest.mark.parametrize("tokens", [2, 40], ids=["per-token-path", "formed-weight-path"])
+def test_fused_linear_path_matches_the_generic_one_in_values_and_gradients(tokens):
+    """A plain frozen Linear runs with its PSOFT adapter in one autograd node (with few tokens along the r-wide
+    path, with many through the formed weight W + U A); a hook on the base layer forces the generic path, which
+    must give the same output and gradients."""
     outputs = []
     for force_generic in (False, True):
         torch.manual_seed(0)
@@ -226,7 +228,7 @@ def test_fused_linear_path_matches_the_generic_one_in_values_and_gradients():
         randomize_adapters(model)
         if force_generic:
             model.layer.base.register_forward_hook(lambda module, args, out: None)
-        x = torch.randn(4, 10, 64, generator=torch.Generator().manual_seed(5), requires_grad=True)
+        x = torch.randn(tokens, 1, 64, generator=torch.Generator().manual_seed(5), requires_grad=True)
         y = model(x)
         (y * torch.linspace(-1, 1, 96)).sum().backward()
         adapter = model.layer.adapters["default"]

@@ -102,21 +102,29 @@ def _fusable(inner) -> bool:
 
 
 class _PrincipalLinear(torch.autograd.Function):
-    """``y = x W^T + b + (x A^T) U^T`` for a frozen W, b, A and a trainable ``U = B (C - I)``.
+    """``y = x W^T + b + (x A^T) U^T`` for a frozen W, b, A and a trainable ``U = B (C - I)``, as one node.
 
-    One node instead of five: the forward adds the r-wide path into the base output in place, the backward forms
-    the input gradient ``g W + (g U) A`` with one fused multiply-add, and only ``z = x A^T`` (r wide) is kept.
+    Only ``z = x A^T`` (r wide) is kept for backward. When a layer's weight is smaller than its activations
+    (``out * in < tokens * (in + out)``, the rule in training), the adapted weight ``W + U A`` is formed for the
+    forward and again in the backward (``out * r * in`` each) instead of running the r-wide path per token
+    (``tokens * r * (in + out)`` each way): the per-token cost over the frozen layer is then ``z`` and ``g^T z``.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, a, up):
         x2 = x.reshape(-1, x.shape[-1])
+        out_features, in_features = weight.shape
+        form = out_features * in_features < x2.shape[0] * (in_features + out_features)
         z = x2 @ a.T
-        y = x2 @ weight.T if bias is None else torch.addmm(bias, x2, weight.T)
-        y.addmm_(z, up.T)
+        if form:
+            adapted = torch.addmm(weight, up, a)
+            y = x2 @ adapted.T if bias is None else torch.addmm(bias, x2, adapted.T)
+        else:
+            y = x2 @ weight.T if bias is None else torch.addmm(bias, x2, weight.T)
+            y.addmm_(z, up.T)
         ctx.save_for_backward(z, weight, a, up)
-        ctx.input_shape = x.shape
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        ctx.input_shape, ctx.form = x.shape, form
+        return y.reshape(*x.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx, grad):
@@ -124,7 +132,8 @@ class _PrincipalLinear(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_up = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g @ weight).addmm_(g @ up, a).reshape(ctx.input_shape)
+            grad_x = g @ torch.addmm(weight, up, a) if ctx.form else (g @ weight).addmm_(g @ up, a)
+            grad_x = grad_x.reshape(ctx.input_shape)
         if ctx.needs_input_grad[4]:
             grad_up = g.T @ z
         return grad_x, None, None, None, grad_up
