@@ -247,3 +247,22 @@ def test_psoft_runs_under_autocast():
     assert rel_err(y.float(), reference) <= 2e-2
     y.float().sum().backward()
     assert model.layer.adapters["default"].q.grad is not None
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (64, 96), (24, 144)], ids=["tall", "wide", "conv-like"])
+def test_full_subspace_is_the_best_rank_r_approximation(shape):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    a, b = principal_subspace(w, 10)
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    best = (u[:, :10] * s[:10]) @ vh[:10]
+    assert rel_err(b.double() @ a.double(), best) <= 1e-6
+    assert torch.allclose(a @ a.T, torch.eye(10), atol=1e-6)
+
+
+@pytest.mark.parametrize("weight", [torch.zeros(8, 20), torch.outer(torch.arange(1.0, 9.0), torch.ones(20))],
+                         ids=["zero", "rank-one"])
+def test_rank_deficient_weights_still_give_an_orthonormal_subspace(weight):
+    a, b = principal_subspace(weight, 4)
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    assert torch.allclose(a @ a.T, torch.eye(4), atol=1e-5)
+    assert torch.allclose(b @ a, weight, atol=1e-5)
