@@ -303,10 +303,14 @@ def chart(results: list[dict], path: Path) -> None:
         rs = [r for r in ok if r["workload"] == workload]
         labels = [r["method"] for r in rs]
         colors = ["#c44" if not r["method"].startswith(("peft", "floor", "full")) else "#888" for r in rs]
+        floor = next((r for r in rs if r["method"] == "floor"), None)
         for ax, key, title in ((row[0], "step_ms", "training step (ms, median)"), (row[1], "peak_mib", "peak MiB")):
             ax.barh(labels, [r[key] for r in rs], color=colors)
+            if floor is not None:
+                ax.axvline(floor[key], color="black", linestyle="--", linewidth=1)
             ax.set_title(f"{workload}: {title}")
             ax.invert_yaxis()
+    fig.suptitle("ours in red, PEFT and references in grey; dashed: the floor (frozen model, gradient to the input)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

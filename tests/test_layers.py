@@ -215,22 +215,33 @@ def test_subspace_signs_are_canonical_and_lowrank_agrees():
     assert torch.equal(principal_subspace(w, 10, svd="lowrank")[0], a_low)  # seeded
 
 
-@pytest.mark.parametrize("tokens", [2, 40], ids=["per-token-path", "formed-weight-path"])
-def test_fused_linear_path_matches_the_generic_one_in_values_and_gradients(tokens):
-    """A plain frozen Linear runs with its PSOFT adapter in one autograd node (with few tokens along the r-wide
-    path, with many through the formed weight W + U A); a hook on the base layer forces the generic path, which
-    must give the same output and gradients."""
+FUSED_CASES = {  # layer case: (small input -> the r-wide path per token, large input -> the formed weight W + U A)
+    "linear": ((2, 1, 64), (40, 1, 64)),
+    "conv3x3": ((1, 16, 2, 2), (2, 16, 32, 32)),
+    "conv_stride2": ((1, 16, 3, 3), (2, 16, 33, 33)),
+    "conv_dilation2": ((1, 16, 2, 2), (2, 16, 32, 32)),
+    "conv_3x5": ((1, 16, 2, 2), (2, 16, 20, 28)),
+    "conv_1x1_nobias": ((1, 16, 1, 1), (2, 16, 16, 16)),
+    "patch_embed_16x16": ((1, 3, 16, 16), (2, 3, 64, 64)),
+}
+
+
+@pytest.mark.parametrize("regime", [0, 1], ids=["per-token-path", "formed-weight-path"])
+@pytest.mark.parametrize("name", list(FUSED_CASES))
+def test_fused_path_matches_the_generic_one_in_values_and_gradients(name, regime):
+    """A plain frozen Linear or Conv2d runs with its PSOFT adapter in one autograd node; a hook on the base layer
+    forces the generic path, which must give the same output and gradients."""
     outputs = []
     for force_generic in (False, True):
         torch.manual_seed(0)
-        model = Holder(nn.Linear(64, 96))
+        model = Holder(LAYERS[name][0]())
         pv.inject(model, pv.PSOFTConfig(rank=8, targets=["layer"]))
         randomize_adapters(model)
         if force_generic:
             model.layer.base.register_forward_hook(lambda module, args, out: None)
-        x = torch.randn(tokens, 1, 64, generator=torch.Generator().manual_seed(5), requires_grad=True)
+        x = torch.randn(FUSED_CASES[name][regime], generator=torch.Generator().manual_seed(5), requires_grad=True)
         y = model(x)
-        (y * torch.linspace(-1, 1, 96)).sum().backward()
+        (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(6))).sum().backward()
         adapter = model.layer.adapters["default"]
         outputs.append((y.detach(), x.grad, adapter.q.grad, adapter.alpha.grad, adapter.beta.grad))
     for fused, generic in zip(*outputs, strict=True):

@@ -101,13 +101,14 @@ def _top_singular(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     return (u.T @ w) / s[:, None], u * s
 
 
-def _fusable(inner) -> bool:
-    """A plain frozen Linear without hooks: the adapter can run together with it in one autograd node."""
+def _fusable(inner, conv: dict | None) -> bool:
+    """A plain frozen Linear (Conv2d) without hooks: the adapter can run with it in one autograd node."""
     return (
-        type(inner) is nn.Linear
+        type(inner) is (nn.Linear if conv is None else nn.Conv2d)
         and not inner.weight.requires_grad
         and (inner.bias is None or not inner.bias.requires_grad)
         and not (inner._forward_hooks or inner._forward_pre_hooks)
+        and (conv is None or not isinstance(conv["padding"], str))
     )
 
 
@@ -147,6 +148,45 @@ class _PrincipalLinear(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             grad_up = g.T @ z
         return grad_x, None, None, None, grad_up
+
+
+class _PrincipalConv2d(torch.autograd.Function):
+    """The Conv2d twin of :class:`_PrincipalLinear`: ``conv(x, W) + conv1x1(conv(x, A), U)`` as one node, with
+    ``W + U A`` formed per step when the kernel is smaller than the activations, and only ``z = conv(x, A)`` kept."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, kernel, up, conv):
+        z = F.conv2d(x, kernel, None, **conv)
+        tokens, fan_in = z.shape[0] * z.shape[2] * z.shape[3], kernel[0].numel()
+        form = weight.shape[0] * fan_in < tokens * (fan_in + weight.shape[0])
+        if form:
+            y = F.conv2d(x, _adapted_kernel(weight, up, kernel), bias, **conv)
+        else:
+            y = F.conv2d(x, weight, bias, **conv)
+            y += F.conv2d(z, up[..., None, None])
+        ctx.save_for_backward(z, weight, kernel, up)
+        ctx.input_shape, ctx.conv, ctx.form = x.shape, conv, form
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, weight, kernel, up = ctx.saved_tensors
+        grad_x = grad_up = None
+        if ctx.needs_input_grad[0]:
+            if ctx.form:
+                grad_x = torch.nn.grad.conv2d_input(ctx.input_shape, _adapted_kernel(weight, up, kernel), grad,
+                                                    **ctx.conv)
+            else:
+                grad_z = torch.einsum("nohw,or->nrhw", grad, up)
+                grad_x = torch.nn.grad.conv2d_input(ctx.input_shape, weight, grad, **ctx.conv)
+                grad_x += torch.nn.grad.conv2d_input(ctx.input_shape, kernel, grad_z, **ctx.conv)
+        if ctx.needs_input_grad[4]:
+            grad_up = torch.einsum("nohw,nrhw->or", grad, z)
+        return grad_x, None, None, None, grad_up, None
+
+
+def _adapted_kernel(weight, up, kernel):
+    return torch.addmm(weight.flatten(1), up, kernel.flatten(1)).view_as(weight)
 
 
 class PSOFTAdapter(Adapter):
@@ -225,10 +265,13 @@ class PSOFTAdapter(Adapter):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         up = self.up_weight().to(dtype)
         a = self.A.to(dtype)
-        if self.conv is None and _fusable(inner) and not (self.training and isinstance(self.dropout, nn.Dropout)):
+        if _fusable(inner, self.conv) and not (self.training and isinstance(self.dropout, nn.Dropout)):
             with torch.autocast(x.device.type, enabled=False):
+                x, weight = x.to(dtype), inner.weight.to(dtype)
                 bias = None if inner.bias is None else inner.bias.to(dtype)
-                return _PrincipalLinear.apply(x.to(dtype), inner.weight.to(dtype), bias, a, up)
+                if self.conv is None:
+                    return _PrincipalLinear.apply(x, weight, bias, a, up)
+                return _PrincipalConv2d.apply(x, weight, bias, a.reshape(-1, *self.weight_shape[1:]), up, self.conv)
         h = self.dropout(x)
         if self.conv is None:
             return inner(x) + F.linear(F.linear(h, a), up)
