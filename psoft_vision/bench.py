@@ -184,11 +184,9 @@ def _adapter_bytes(model, method) -> int | None:
         if method.startswith("peft-"):
             model.save_pretrained(tmp)
             return sum(p.stat().st_size for p in Path(tmp).rglob("*.safetensors"))
-        from safetensors.torch import save_file
+        from .io import save_adapter
 
-        path = Path(tmp, "adapter.safetensors")
-        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}, path)
-        return path.stat().st_size
+        return save_adapter(model, Path(tmp, "adapter.safetensors")).stat().st_size
 
 
 def run_config(workload: str, method: str, steps: int, warmup: int, device: str) -> dict:
@@ -230,6 +228,33 @@ def run_config(workload: str, method: str, steps: int, warmup: int, device: str)
         peak_mib=peak, adapter_bytes=_adapter_bytes(model, method), infer_ms=1000 * infer_s,
         infer_merged_ms=None if merged_s is None else 1000 * merged_s,
     )
+
+
+def svd_report(workloads: list[str]) -> str:
+    """Set-up time of the principal subspaces of every targeted layer, "full" against "lowrank", and how far the
+    lowrank rank-r approximation is from the exact one (relative Frobenius error, median and worst layer)."""
+    from .methods import principal_subspace
+    from .targets import select
+
+    lines = []
+    for workload in workloads:
+        model, _, _, spec = WORKLOADS[workload](torch.device("cpu"))
+        weights = [model.get_submodule(n).weight.detach().flatten(1) for n in select(model, spec["targets"])]
+        rank = spec["psoft_rank"]
+        timings, factors = {}, {}
+        for mode in ("full", "lowrank"):
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                factors[mode] = [principal_subspace(w, min(rank, *w.shape), mode) for w in weights]
+                times.append(time.perf_counter() - start)
+            timings[mode] = statistics.median(times)
+        errors = [((bl @ al - bf @ af).norm() / (bf @ af).norm()).item()
+                  for (af, bf), (al, bl) in zip(factors["full"], factors["lowrank"], strict=True)]
+        lines.append(f"{workload}: {len(weights)} layers at rank {rank}: full {timings['full']:.2f} s, lowrank "
+                     f"{timings['lowrank']:.2f} s; lowrank error median {statistics.median(errors):.1e}, "
+                     f"worst {max(errors):.1e}")
+    return "\n".join(lines)
 
 
 # -------------------------------------------------------------------------------------------------- driver
@@ -327,6 +352,8 @@ def main(argv=None):
                         help="run the list this many times, round robin, pooling the step times (noisy machines)")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds one configuration may take")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="directory for JSON, CSV and PNG")
+    parser.add_argument("--svd-report", action="store_true",
+                        help="only time the SVD set-up (full and lowrank) of the workloads and the lowrank error")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -335,6 +362,9 @@ def main(argv=None):
         unknown = [n for n in name if n not in known]
         if unknown:
             parser.error(f"unknown {unknown}; choose from {', '.join(known)}")
+    if args.svd_report:
+        print(svd_report(workloads))
+        return
     if args.worker:
         print(json.dumps(run_config(workloads[0], methods[0], args.steps, args.warmup, args.device)))
         return

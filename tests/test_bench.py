@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 
 from psoft_vision import bench
 
@@ -27,3 +28,9 @@ def test_a_failing_configuration_is_reported_not_fatal():
     results = [bench.pool([dict(workload="w", method="m", error="boom")])]
     assert results[0]["error"] == "boom"
     assert "error: boom" in bench.table(results)
+
+
+def test_svd_report_times_both_modes_and_the_lowrank_error():
+    text = bench.svd_report(["test-vit"])
+    assert re.fullmatch(r"test-vit: \d+ layers at rank 46: full [\d.]+ s, lowrank [\d.]+ s; "
+                        r"lowrank error median [\d.e+-]+, worst [\d.e+-]+", text)
