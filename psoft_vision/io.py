@@ -139,7 +139,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     header, tensors = read_adapter(path)
     name = name or header["name"]
     layers = header["layers"]
-    missing = [n for n in layers if n not in dict(model.named_modules())]
+    module_names = {n for n, _ in model.named_modules()}
+    missing = [n for n in layers if n not in module_names]
     if missing:
         raise KeyMismatchError(f"{str(path)!r} adapts layers that {type(model).__name__} does not have: "
                                f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; is it the right base model?")
