@@ -77,12 +77,6 @@ WORKLOADS = {"vit-b16": vit_b16, "unet-small": unet_small, "test-vit": test_vit}
 
 
 # ------------------------------------------------------------------------------------------------- methods
-def _target_names(model, targets):
-    from .targets import select
-
-    return select(model, targets)
-
-
 def _ours(config_factory):
     def apply(model, spec):
         import psoft_vision as pv
@@ -100,8 +94,10 @@ def _peft(config_factory):
     def apply(model, spec):
         import peft
 
+        from .targets import select
+
         config = config_factory(peft, spec)
-        config.target_modules = _target_names(model, spec["targets"])  # exactly the layers ours adapts
+        config.target_modules = select(model, spec["targets"])  # exactly the layers ours adapts
         config.modules_to_save = [spec["head"]] if spec["head"] else None
         model = peft.get_peft_model(model, config)
         return model, lambda m: m.merge_adapter()

@@ -18,8 +18,8 @@ def denoiser(pipe) -> tuple[nn.Module, str]:
         if isinstance(module, nn.Module):
             return module, attribute
     raise TypeError(
-        f"{type(pipe).__name__} has neither a `unet` nor a `transformer` module; pass a diffusers pipeline, or call "
-        "psoft_vision.io.load_adapter(model, path) on the model itself."
+        f"{type(pipe).__name__} has neither a `unet` nor a `transformer` module; pass a torch.nn.Module, or a "
+        "diffusers pipeline with a unet or transformer."
     )
 
 

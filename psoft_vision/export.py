@@ -31,7 +31,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .diffusers import denoiser
 from .errors import ConfigError, LoRAExportError, NotLowRankError
+from .io import atomic_write
 from .layer import AdaptedLayer
 from .lifecycle import adapted_layers, one_adapter_name
 from .targets import candidate_modules
@@ -134,39 +136,18 @@ def _state_dict(factors: dict, prefix: str, dtype: torch.dtype) -> tuple[dict, d
     return tensors, ranks
 
 
-def _atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def _resolve(model, prefix: str | None) -> tuple[nn.Module, str]:
     """The denoiser and its diffusers prefix, for a model or a pipeline."""
     if not isinstance(model, nn.Module):
-        for attribute in ("unet", "transformer"):
-            if isinstance(getattr(model, attribute, None), nn.Module):
-                return getattr(model, attribute), prefix or attribute
-        raise TypeError(f"export_lora() takes a torch.nn.Module or a diffusers pipeline with a unet or transformer, "
-                        f"got {type(model).__name__}.")
+        model, attribute = denoiser(model)
+        return model, prefix or attribute
     return model, prefix or ("unet" if "UNet" in type(model).__name__ else "transformer")
 
 
 def _train_modules(model: nn.Module, name: str) -> list[str]:
     for _, layer in adapted_layers(model):
         if name in layer.adapters:
-            return list(getattr(getattr(layer.adapters[name], "config", None), "train_modules", ()) or ())
+            return list(layer.adapters[name].config.train_modules)
     return []
 
 
@@ -209,8 +190,9 @@ def export_lora(model, path: str | os.PathLike, format: str = "diffusers", name:
             if path.suffix != ".safetensors":
                 path = path / DIFFUSERS_WEIGHT_NAME
             path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_save(tensors, path, {"format": "pt", "lora_adapter_metadata": json.dumps(config, sort_keys=True),
-                                         "psoft_vision_export": json.dumps(info)})
+            metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(config, sort_keys=True),
+                        "psoft_vision_export": json.dumps(info)}
+            atomic_write(path, lambda f: save_file(tensors, f, metadata=metadata))
             return path
 
         if path.suffix == ".safetensors":
@@ -240,6 +222,8 @@ def export_lora(model, path: str | os.PathLike, format: str = "diffusers", name:
             **_lora_config(ranks, module_names),
         }
         path.mkdir(parents=True, exist_ok=True)
-        _atomic_save(tensors, path / PEFT_WEIGHT_NAME, {"format": "pt", "psoft_vision_export": json.dumps(info)})
-        _atomic_write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", path / PEFT_CONFIG_NAME)
+        metadata = {"format": "pt", "psoft_vision_export": json.dumps(info)}
+        atomic_write(path / PEFT_WEIGHT_NAME, lambda f: save_file(tensors, f, metadata=metadata))
+        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+        atomic_write(path / PEFT_CONFIG_NAME, lambda f: f.write_text(text))
         return path

@@ -35,6 +35,16 @@ CONFIG_CLASSES = {"psoft": PSOFTConfig, "oft": OFTConfig}
 FINGERPRINT_TOLERANCE = 1e-2  # relative to ||W||_F; fp16 rounding moves a sketch by about 1e-3
 
 
+def atomic_write(path: Path, write) -> None:
+    """``write(temporary)`` beside ``path``, then rename over it: ``path`` is never left half written."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def fingerprint(weight: torch.Tensor) -> dict:
     w = weight.detach().to("cpu", torch.float64).flatten(1)
     gen = torch.Generator().manual_seed(0)
@@ -98,12 +108,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     }
     tensors = {k: t.to("cpu").contiguous() for k, t in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, temporary, metadata={"format": FORMAT, "psoft_vision": json.dumps(header)})
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    atomic_write(path, lambda f: save_file(tensors, f, metadata={"format": FORMAT, "psoft_vision": json.dumps(header)}))
     return path
 
 
