@@ -16,7 +16,7 @@ $(STAMP): $(PY) pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m train.core_demo
+	$(PY) -m train.vtab --baseline linear
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -143,7 +143,7 @@ METHODS = {
 
 
 # -------------------------------------------------------------------------------------------------- worker
-def _peak_reset(device):
+def reset_peak_memory(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -152,7 +152,7 @@ def _peak_reset(device):
             f.write("5")
 
 
-def _peak_mib(device) -> float:
+def peak_memory_mib(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     with open("/proc/self/status") as f:
@@ -207,9 +207,9 @@ def run_config(workload: str, method: str, steps: int, warmup: int, device: str)
 
     for _ in range(warmup):
         step()
-    _peak_reset(device)
+    reset_peak_memory(device)
     step_s = [_timed(step, device, 1) for _ in range(steps)]
-    peak = _peak_mib(device)
+    peak = peak_memory_mib(device)
 
     model.eval()
     with torch.no_grad():

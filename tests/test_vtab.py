@@ -1,0 +1,173 @@
+"""The VTAB trainer: task folders, VTAB-offline, short runs, resume, the suite and two processes."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from train import offline_data, vtab, vtab_suite
+from train.vtab_data import Preprocess, VTABFolderError, folder_splits, read_list
+
+ROOT = Path(__file__).resolve().parent.parent
+PREPROCESS = Preprocess((32, 32), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def make_folder(root: Path, sizes=None, classes=3) -> Path:
+    """A VTAB-1k task folder of 20x20 PNGs whose colour encodes the label."""
+    sizes = sizes or {"train800": 9, "val200": 3, "test": 6}
+    lists = {}
+    for split, n in sizes.items():
+        (root / "images" / split).mkdir(parents=True)
+        lines = []
+        for i in range(n):
+            label = i % classes
+            pixels = np.full((20, 20, 3), 40 * label, np.uint8)
+            Image.fromarray(pixels).save(root / "images" / split / f"{i:06d}.png")
+            lines.append(f"images/{split}/{i:06d}.png {label}")
+        lists[split] = lines
+    lists["train800val200"] = lists["train800"] + lists["val200"]
+    for split, lines in lists.items():
+        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_folder_loader_reads_resizes_and_normalises(tmp_path):
+    folder = make_folder(tmp_path / "task")
+    train, val, test, classes = folder_splits(folder, "train800", "val200", PREPROCESS)
+    assert (len(train), len(val), len(test), classes) == (9, 3, 6, 3)
+    x, y = train[4]
+    assert x.shape == (3, 32, 32) and y == 1
+    assert torch.allclose(x, torch.full_like(x, (40 / 255 - 0.5) / 0.5), atol=1e-6)
+    train, val, _, _ = folder_splits(folder, "train800val200", None, PREPROCESS)
+    assert len(train) == 12 and val is None
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda f: (f / "test.txt").unlink(), r"test\.txt is missing"),
+    (lambda f: (f / "val200.txt").write_text("images/val200/000000.png\n"), r"val200\.txt:1: expected"),
+    (lambda f: (f / "val200.txt").write_text("images/val200/000000.png cat\n"), r"val200\.txt:1: expected"),
+    (lambda f: (f / "val200.txt").write_text("images/val200/000000.png -1\n"), "negative"),
+    (lambda f: (f / "images/test/000002.png").unlink(), r"1 listed images do not exist.*000002"),
+    (lambda f: (f / "test.txt").write_text("images/test/000000.png 7\n"), r"labels \[7\].*never"),
+    (lambda f: (f / "train800.txt").write_text(""), "lists no images"),
+])
+def test_bad_folders_are_named_errors(tmp_path, breakage, message):
+    folder = make_folder(tmp_path / "task")
+    breakage(folder)
+    with pytest.raises(VTABFolderError, match=message):
+        folder_splits(folder, "train800", "val200", PREPROCESS)
+
+
+def test_not_a_folder(tmp_path):
+    with pytest.raises(VTABFolderError, match="not a folder"):
+        read_list(tmp_path / "nowhere", "train800")
+
+
+def test_offline_tasks_have_the_vtab_shape_and_are_deterministic():
+    for name, task in offline_data.TASKS.items():
+        sizes = {}
+        for split in offline_data.SPLIT_SIZES:
+            images, labels = offline_data.task_split(name, split)
+            assert images.shape[1:] == (32, 32, 3) and images.dtype == np.uint8
+            assert labels.min() >= 0 and labels.max() < len(task.classes)
+            sizes[split] = len(labels)
+        assert sizes == {"train800": 800, "val200": 200, "test": 2000}
+    first = offline_data.task_split("count", "test")[0].tobytes()
+    offline_data.task_split.cache_clear()
+    assert hashlib.sha256(offline_data.task_split("count", "test")[0].tobytes()).digest() == \
+        hashlib.sha256(first).digest()
+
+
+def test_offline_splits_draw_on_disjoint_material():
+    pools = [set(offline_data._pool(10_000, split, seed=11)) for split in offline_data.SPLIT_SIZES]
+    assert not (pools[0] & pools[1]) and not (pools[0] & pools[2]) and not (pools[1] & pools[2])
+    fashion, _ = offline_data.fashion_mnist("test")
+    train = {img.tobytes() for img in offline_data.task_split("rotation", "train800")[0]}
+    assert not train & {img.tobytes() for img in offline_data.task_split("rotation", "test")[0]}
+    assert fashion.shape == (10_000, 28, 28)
+
+
+def test_exported_offline_task_reads_back_through_the_folder_loader(tmp_path):
+    folder = offline_data.export_vtab_folder("scale", tmp_path)
+    train, _, test, classes = folder_splits(folder, "train800", "val200", PREPROCESS)
+    images, labels = offline_data.task_split("scale", "test")
+    x, y = test[17]
+    assert classes == 5 and len(train) == 800 and y == labels[17]
+    expected = PREPROCESS(torch.from_numpy(images[17].copy()).permute(2, 0, 1))
+    assert torch.equal(x, expected)
+
+
+def short(tmp_path, *more) -> list[str]:
+    return ["--task", "rotation", "--epochs", "2", "--quiet", "--output-dir", str(tmp_path), *more]
+
+
+def test_short_run_beats_its_starting_accuracy_and_saves_everything(tmp_path):
+    metrics = vtab.main(short(tmp_path, "--lr", "5e-3"))
+    assert metrics["test_acc"] > metrics["start_val"] + 0.15, metrics
+    assert metrics["best_val"] > metrics["start_val"] + 0.15
+    for name in ("metrics.json", "metrics.csv", "curve.png", "adapter.safetensors"):
+        assert (tmp_path / name).is_file(), name
+    assert json.loads((tmp_path / "metrics.json").read_text())["test_acc"] == metrics["test_acc"]
+    rank, params = 24, 6 * 4
+    assert metrics["trainable"] == params * (rank * (rank - 1) // 2 + 2 * rank)
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
+    whole = vtab.main(short(tmp_path / "whole"))
+    cut = vtab.main(short(tmp_path / "cut", "--stop-after-epochs", "1"))
+    assert cut["finished"] is False and cut["epoch"] == 1
+    resumed = vtab.main(short(tmp_path / "cut", "--resume"))
+    def timeless(history):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+    assert timeless(resumed["history"]) == timeless(whole["history"])
+    assert resumed["test_acc"] == whole["test_acc"]
+    a, b = load_file(tmp_path / "whole/adapter.safetensors"), load_file(tmp_path / "cut/adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_suite_runs_every_method_writes_reports_and_skips_finished_runs(tmp_path):
+    argv = ["--out", str(tmp_path), "--tasks", "count", "--seeds", "0", "--extra", "--epochs 1"]
+    vtab_suite.main(argv)
+    rows = list((tmp_path / "results.csv").read_text().splitlines())
+    assert len(rows) == 1 + len(vtab.METHODS)
+    summary = (tmp_path / "summary.md").read_text()
+    assert all(label in summary for label in vtab_suite.LABELS.values())
+    assert (tmp_path / "accuracy_vs_params.png").stat().st_size > 10_000
+    trainable = {m: json.loads((tmp_path / "count" / f"{m}-seed0" / "metrics.json").read_text())["trainable"]
+                 for m in vtab.METHODS}
+    assert trainable["linear"] == 0 and trainable["psoft"] <= trainable["lora"] / 10
+    assert trainable["psoft"] == trainable["peft-psoft"]
+    stamp = (tmp_path / "count" / "psoft-seed0" / "metrics.json").stat().st_mtime_ns
+    vtab_suite.main(argv)
+    assert (tmp_path / "count" / "psoft-seed0" / "metrics.json").stat().st_mtime_ns == stamp
+
+
+def test_two_processes_agree_with_each_other_and_with_one(tmp_path):
+    common = ["-m", "train.vtab", "--task", "location", "--epochs", "1", "--adapter-dropout", "0", "--quiet",
+              "--batch-size", "32", "--cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # accelerate's --cpu launcher starts one process unless mpirun is there; --multi_gpu starts torchrun, and the
+    # trainer's --cpu then makes it a gloo group of CPU processes.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    subprocess.run([*launch, *common, "--output-dir", str(tmp_path / "two")], check=True, cwd=ROOT, env=env,
+                   capture_output=True)
+    subprocess.run([sys.executable, *common, "--output-dir", str(tmp_path / "one")], check=True, cwd=ROOT,
+                   env=env, capture_output=True)
+    two = json.loads((tmp_path / "two/metrics.json").read_text())
+    one = json.loads((tmp_path / "one/metrics.json").read_text())
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert len(set(two["rank_checksums"])) == 1, two["rank_checksums"]
+    a, b = load_file(tmp_path / "two/adapter.safetensors"), load_file(tmp_path / "one/adapter.safetensors")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
+    assert abs(two["test_acc"] - one["test_acc"]) <= 0.002

@@ -1,0 +1,414 @@
+"""Fine-tune a timm model on one VTAB-1k task: PSOFT, OFTv2, PEFT LoRA/OFT/PSOFT, full fine-tuning or linear probing.
+
+With no arguments: the project's offline backbone (assets/) fine-tuned with PSOFT on the VTAB-offline task
+"photo-crops", on the CPU in well under a minute. The real protocol (SPEC section 8):
+
+    accelerate launch -m train.vtab --model vit_base_patch16_224.augreg_in21k --data-dir vtab-1k/cifar \\
+        --method psoft --rank 46 --lr 5e-4 --head-lr 5e-3 --weight-decay 1e-3 --epochs 50 --batch-size 64
+
+Protocols: "select" trains on train800, keeps the epoch with the best val200 accuracy and tests it; "final"
+trains on train800val200 and tests the last epoch. The output folder gets metrics.json, metrics.csv, curve.png,
+the adapter (ours: adapter.safetensors; PEFT: adapter/; full and linear: trainable.safetensors) and checkpoint/,
+from which --resume continues after an interruption exactly as if none had happened.
+"""
+
+import argparse
+import copy
+import csv
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Sampler
+
+OURS = ("psoft", "oft")
+PEFT = ("lora", "peft-oft", "peft-psoft")
+METHODS = (*OURS, *PEFT, "full", "linear")
+DEFAULT_MODEL = "vit_pico_patch8_32.fmnist"
+DEFAULT_TASK = "photo-crops"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.vtab", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULT_MODEL, help=f"timm model name, with tag (default {DEFAULT_MODEL}, "
+                   "the project's offline backbone)")
+    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                   help="load pretrained weights: the hub's, or the local file of the model's pretrained_cfg")
+    g.add_argument("--weights", type=Path, help="load weights from this local file instead of the hub "
+                   "(timm's pretrained_cfg_overlay=dict(file=...))")
+    g = p.add_argument_group("data")
+    source = g.add_mutually_exclusive_group()
+    source.add_argument("--data-dir", type=Path, help="a VTAB-1k task folder (list files + images/)")
+    source.add_argument("--task", help=f"a VTAB-offline task (default {DEFAULT_TASK}); see train/offline_data.py")
+    g.add_argument("--protocol", choices=("select", "final"), default="select",
+                   help="select: train800, best val200 epoch tested; final: train800val200, last epoch tested")
+    g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for task folders")
+    g = p.add_argument_group("method")
+    g.add_argument("--method", choices=METHODS, default="psoft", help="lora, peft-oft and peft-psoft run PEFT")
+    g.add_argument("--rank", type=int, default=24, help="PSOFT rank r, ours and PEFT's (SPEC for ViT-B/16: 46)")
+    g.add_argument("--block-size", type=int, default=32, help="OFT block size, ours and PEFT's")
+    g.add_argument("--lora-rank", type=int, default=8)
+    g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank, a scale of 1)")
+    g.add_argument("--adapter-dropout", type=float, default=0.1, help="dropout on the adapter path (SPEC: 0.1)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=10, help="(SPEC for ViT-B/16: 50)")
+    g.add_argument("--batch-size", type=int, default=64, help="global batch size, split across processes")
+    g.add_argument("--eval-batch-size", type=int, default=256)
+    g.add_argument("--lr", type=float, default=5e-3, help="learning rate of adapters (or of the whole network)")
+    g.add_argument("--head-lr", type=float, default=5e-3, help="learning rate of the new classifier head")
+    g.add_argument("--weight-decay", type=float, default=1e-3)
+    g.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps with linear warm-up")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", type=Path, help="default runs/vtab/<task>/<method>-seed<seed>")
+    g.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    g.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is there")
+    g.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint if it exists")
+    g.add_argument("--stop-after-epochs", type=int, help="end this run after N epochs (a time slice on a shared "
+                   "machine); --resume continues it")
+    g.add_argument("--baseline", choices=("linear",), help="also train this baseline with the same budget and "
+                   "print both test accuracies")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.data_dir is None and args.task is None:
+        args.task = DEFAULT_TASK
+    if args.output_dir is None:
+        task = args.task or args.data_dir.name
+        args.output_dir = Path("runs/vtab") / task / f"{args.method}-seed{args.seed}"
+    return args
+
+
+# ----------------------------------------------------------------------------------------------- building
+def create_model(args, num_classes: int):
+    import timm
+
+    from . import backbone  # noqa: F401  registers the offline backbone with timm
+
+    overlay = None
+    if args.weights is not None:
+        if not args.weights.is_file():
+            raise FileNotFoundError(f"--weights {args.weights} does not exist; give a .safetensors/.pth file")
+        overlay = dict(file=str(args.weights))
+    return timm.create_model(args.model, pretrained=args.pretrained or overlay is not None,
+                             pretrained_cfg_overlay=overlay, num_classes=num_classes)
+
+
+def apply_method(model, args):
+    """The model with the method's trainable parts; only those require gradients."""
+    import psoft_vision as pv
+
+    head = model.pretrained_cfg.get("classifier", "head")
+    if args.method in OURS:
+        config = pv.PSOFTConfig(rank=args.rank) if args.method == "psoft" else pv.OFTConfig(block_size=args.block_size)
+        config.dropout, config.train_modules = args.adapter_dropout, (head,)
+        return pv.inject(model, config)
+    if args.method == "linear":
+        model.requires_grad_(False)
+        model.get_submodule(head).requires_grad_(True)
+        return model
+    if args.method == "full":
+        return model
+    import peft
+
+    from psoft_vision.targets import PRESETS, auto_preset, select
+
+    targets = select(model, PRESETS[auto_preset(model)])  # the layers ours adapts
+    common = dict(target_modules=targets, modules_to_save=[head])
+    config = {
+        "lora": lambda: peft.LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank,
+                                        lora_dropout=args.adapter_dropout, **common),
+        "peft-oft": lambda: peft.OFTConfig(r=0, oft_block_size=args.block_size, module_dropout=args.adapter_dropout,
+                                           **common),
+        "peft-psoft": lambda: peft.PsoftConfig(r=args.rank, psoft_dropout=args.adapter_dropout, **common),
+    }[args.method]()
+    return peft.get_peft_model(model, config)
+
+
+def is_head(name: str, head: str) -> bool:
+    return f".{head}." in f".{name}."
+
+
+def count_trainable(model, head: str) -> tuple[int, int]:
+    """Trainable numbers outside and inside the classifier head."""
+    counts = [0, 0]
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            counts[is_head(name, head)] += p.numel()
+    return counts[0], counts[1]
+
+
+class EpochSampler(Sampler):
+    """A permutation fixed by (seed, epoch): an interrupted run sees the same batches after --resume."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=gen).tolist())
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def load_data(args, preprocess):
+    from .vtab_data import folder_splits, offline_splits
+
+    train_split, eval_split = ("train800", "val200") if args.protocol == "select" else ("train800val200", None)
+    if args.data_dir is not None:
+        return folder_splits(args.data_dir, train_split, eval_split, preprocess)
+    return offline_splits(args.task, train_split, eval_split, preprocess)
+
+
+# ------------------------------------------------------------------------------------------------ running
+@torch.no_grad()
+def evaluate(model, loader, accelerator) -> float:
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        predictions = model(x).argmax(-1)
+        predictions, y = accelerator.gather_for_metrics((predictions, y))
+        correct += (predictions == y).sum().item()
+        total += y.numel()
+    return correct / total
+
+
+def _write_checkpoint(accelerator, folder: Path, state: dict, best: dict | None) -> None:
+    """Save to checkpoint.tmp, then swap it in: an interruption leaves the previous checkpoint whole."""
+    from safetensors.torch import save_file
+
+    tmp, old = folder.with_name("checkpoint.tmp"), folder.with_name("checkpoint.old")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        if best is not None:
+            save_file(best, tmp / "best.safetensors")
+        if folder.exists():
+            folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _find_checkpoint(output_dir: Path) -> Path | None:
+    for name in ("checkpoint", "checkpoint.old"):  # .old survives only an interruption during the swap
+        if (output_dir / name / "trainer_state.json").is_file():
+            return output_dir / name
+    return None
+
+
+def _save_result(model, method: str, head: str, output_dir: Path) -> Path:
+    import psoft_vision as pv
+    from psoft_vision.io import atomic_write
+
+    if method in OURS:
+        return pv.save_adapter(model, output_dir / "adapter.safetensors")
+    if method in PEFT:
+        model.save_pretrained(output_dir / "adapter")
+        return output_dir / "adapter"
+    from safetensors.torch import save_file
+
+    path = output_dir / "trainable.safetensors"
+    state = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    atomic_write(path, lambda tmp: save_file(state, tmp))
+    return path
+
+
+def _plot(history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, loss_axis = plt.subplots(figsize=(6, 3.5))
+    loss_axis.plot(epochs, [h["train_loss"] for h in history], color="tab:blue", label="train loss")
+    loss_axis.set_xlabel("epoch")
+    loss_axis.set_ylabel("train loss", color="tab:blue")
+    if history and history[0].get("val_acc") is not None:
+        acc_axis = loss_axis.twinx()
+        acc_axis.plot(epochs, [h["val_acc"] for h in history], color="tab:orange", marker="o", label="val200 acc")
+        acc_axis.set_ylabel("val200 accuracy", color="tab:orange")
+    loss_axis.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train, select, test and save one configuration; returns the metrics that metrics.json holds."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from tqdm.auto import tqdm
+
+    from psoft_vision.bench import peak_memory_mib, reset_peak_memory
+
+    from .vtab_data import Preprocess
+
+    # split_batches: --batch-size is the global batch, so N processes train exactly what one process trains.
+    # (accelerate 1.15 ignores Accelerator(split_batches=True); only the DataLoaderConfiguration is honoured.)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu,
+                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+    set_seed(args.seed)
+    output_dir = Path(args.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    probe = create_model(args, num_classes=2)  # only for its data config: num_classes comes from the data
+    train_set, eval_set, test_set, classes = load_data(args, Preprocess.for_model(probe))
+    del probe
+    set_seed(args.seed)
+    model = create_model(args, num_classes=classes)
+    head = model.pretrained_cfg.get("classifier", "head")
+    start = time.perf_counter()
+    model = apply_method(model, args)
+    setup_s = time.perf_counter() - start
+    trainable, head_params = count_trainable(model, head)
+
+    groups = [{"params": [], "lr": args.lr}, {"params": [], "lr": args.head_lr}]
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups[is_head(name, head)]["params"].append(p)
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=args.weight_decay)
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=EpochSampler(len(train_set), args.seed),
+                              num_workers=args.num_workers)
+    eval_loader = (DataLoader(eval_set, batch_size=args.eval_batch_size, num_workers=args.num_workers)
+                   if eval_set is not None else None)
+    test_loader = DataLoader(test_set, batch_size=args.eval_batch_size, num_workers=args.num_workers)
+    total_steps = args.epochs * len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_with_warmup(total_steps, int(args.warmup * total_steps)))
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    eval_loader, test_loader = (accelerator.prepare(loader) if loader is not None else None
+                                for loader in (eval_loader, test_loader))
+
+    state = dict(epoch=0, history=[], best_val=-1.0, best_epoch=None, train_s=0.0, start_val=None)
+    best = None
+    checkpoint = output_dir / "checkpoint"
+    found = _find_checkpoint(output_dir) if args.resume else None
+    if found is not None:
+        accelerator.load_state(str(found))
+        state = json.loads((found / "trainer_state.json").read_text())
+        if (found / "best.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            best = load_file(found / "best.safetensors")
+        accelerator.print(f"resumed from {found} after epoch {state['epoch']}")
+
+    if state["epoch"] == 0 and eval_loader is not None:
+        state["start_val"] = evaluate(model, eval_loader, accelerator)
+    reset_peak_memory(accelerator.device)
+    trainable_params = {n: p for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+    stop_at = args.epochs if args.stop_after_epochs is None else min(args.epochs,
+                                                                     state["epoch"] + args.stop_after_epochs)
+    for epoch in range(state["epoch"], stop_at):
+        model.train()
+        train_loader.set_epoch(epoch)
+        epoch_start, losses = time.perf_counter(), []
+        bar = tqdm(train_loader, desc=f"{args.method} epoch {epoch + 1}/{args.epochs}", leave=False,
+                   disable=args.quiet or not accelerator.is_local_main_process)
+        for x, y in bar:
+            loss = F.cross_entropy(model(x), y)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        state["train_s"] += time.perf_counter() - epoch_start
+        row = dict(epoch=epoch + 1, train_loss=sum(losses) / len(losses), lr=scheduler.get_last_lr()[0],
+                   val_acc=None, seconds=round(time.perf_counter() - epoch_start, 3))
+        if eval_loader is not None:
+            row["val_acc"] = evaluate(model, eval_loader, accelerator)
+            if row["val_acc"] > state["best_val"]:
+                state["best_val"], state["best_epoch"] = row["val_acc"], epoch + 1
+                best = {n: p.detach().clone().contiguous() for n, p in trainable_params.items()}
+        state["history"].append(row)
+        state["epoch"] = epoch + 1
+        _write_checkpoint(accelerator, checkpoint, state, best)
+        if not args.quiet:
+            val = f", val200 {row['val_acc']:.3f}" if row["val_acc"] is not None else ""
+            accelerator.print(f"epoch {epoch + 1}: train loss {row['train_loss']:.3f}{val}")
+    if state["epoch"] < args.epochs:
+        accelerator.print(f"stopped after epoch {state['epoch']} of {args.epochs}; continue with --resume")
+        return dict(state, finished=False)
+
+    if best is not None:
+        with torch.no_grad():
+            for name, value in best.items():
+                trainable_params[name].copy_(value)
+    test_acc = evaluate(model, test_loader, accelerator)
+    checksum = torch.stack([p.detach().double().sum() for p in trainable_params.values()]).sum()
+    rank_checksums = accelerator.gather(checksum.to(accelerator.device).reshape(1)).tolist()
+    metrics = dict(
+        task=args.task or str(args.data_dir), model=args.model, method=args.method, seed=args.seed,
+        protocol=args.protocol, classes=classes, trainable=trainable, head_params=head_params, test_acc=test_acc,
+        start_val=state["start_val"], best_val=state["best_val"] if eval_loader is not None else None,
+        best_epoch=state["best_epoch"], epochs=args.epochs, setup_s=round(setup_s, 3),
+        train_s=round(state["train_s"], 2), peak_mib=round(peak_memory_mib(accelerator.device), 1),
+        processes=accelerator.num_processes, rank_checksums=rank_checksums, history=state["history"], finished=True,
+        args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    )
+    if accelerator.is_main_process:
+        metrics["saved"] = str(_save_result(accelerator.unwrap_model(model), args.method, head, output_dir))
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        with open(output_dir / "metrics.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(state["history"][0]))
+            writer.writeheader()
+            writer.writerows(state["history"])
+        _plot(state["history"], output_dir / "curve.png", f"{metrics['task']}: {args.method}")
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def summary_line(m: dict) -> str:
+    val = f"val200 {m['best_val']:.3f} (epoch {m['best_epoch']}), " if m["best_val"] is not None else ""
+    return (f"{m['task']} | {m['method']:<10} | {m['trainable']:>9,} trainable + {m['head_params']:,} head | "
+            f"{val}test {m['test_acc']:.3f} | {m['train_s']:.0f} s")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    metrics = run(args)
+    if "saved" not in metrics:  # interrupted, or not the main process
+        return metrics
+    print(summary_line(metrics))
+    if args.baseline:
+        baseline = copy.copy(args)
+        baseline.method, baseline.baseline = args.baseline, None
+        baseline.output_dir = Path(args.output_dir) / f"baseline-{args.baseline}"
+        other = run(baseline)
+        print(summary_line(other))
+        print(f"test accuracy: {args.method} {metrics['test_acc']:.3f} against {args.baseline} probing "
+              f"{other['test_acc']:.3f}; adapter saved to {metrics['saved']}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

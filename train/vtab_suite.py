@@ -1,0 +1,191 @@
+"""Methods x tasks x seeds of the VTAB trainer, then one table, one CSV and one chart.
+
+    python -m train.vtab_suite --out runs/vtab-suite --search photo-crops,textures,count   # the committed run
+    python -m train.vtab_suite --tasks rotation --methods psoft,lora --seeds 0 --extra "--epochs 5"
+
+Every run lands in <out>/<task>/<method>-seed<seed>/ (see train.vtab); a run whose metrics.json exists is not run
+again, so an interrupted suite continues where it stopped. --search first picks each method's learning rate on
+val200 (LR_GRID); --extra arguments go to every run after the method's own. The score is VTAB's: the mean over the three groups of the group means.
+"""
+
+import argparse
+import csv
+import json
+import shlex
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from .offline_data import TASKS
+from .vtab import METHODS, parse_args, run
+
+#: Learning rates tried per method by --search (seed 0, the best mean val200 accuracy wins); the linear probe
+#: searches the head's learning rate, every other method its own with the head at 5e-3.
+LR_GRID = {
+    "psoft": ("--lr", (1e-3, 5e-3, 2e-2)),
+    "oft": ("--lr", (1e-3, 5e-3, 2e-2)),
+    "lora": ("--lr", (1e-3, 5e-3, 2e-2)),
+    "peft-oft": ("--lr", (1e-3, 5e-3, 2e-2)),
+    "peft-psoft": ("--lr", (1e-3, 5e-3, 2e-2)),
+    "full": ("--lr", (1e-4, 3e-4, 1e-3)),
+    "linear": ("--head-lr", (5e-3, 2e-2, 5e-2)),
+}
+LABELS = {"psoft": "ours PSOFT", "oft": "ours OFTv2", "lora": "PEFT LoRA r=8", "peft-oft": "PEFT OFT",
+          "peft-psoft": "PEFT PSOFT", "full": "full fine-tuning", "linear": "linear probing"}
+GROUPS = ("natural", "specialized", "structured")
+
+
+def _run_once(folder: Path, argv: list[str]) -> dict:
+    done = folder / "metrics.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    metrics = run(parse_args([*argv, "--output-dir", str(folder), "--resume", "--quiet"]))
+    print(f"{folder}: val {metrics['best_val']:.3f}, test {metrics['test_acc']:.3f} ({metrics['train_s']:.0f} s)",
+          flush=True)
+    return metrics
+
+
+def search(out: Path, methods, tasks, extra: list[str]) -> dict[str, list[str]]:
+    """Each method's learning rate with the best mean val200 accuracy over the tasks (seed 0)."""
+    chosen = {}
+    for method in methods:
+        flag, grid = LR_GRID[method]
+        val = {}
+        for lr in grid:
+            accs = [_run_once(out / "search" / task / f"{method}-{flag[2:]}{lr:g}",
+                              ["--task", task, "--method", method, "--seed", "0", flag, str(lr), *extra])["best_val"]
+                    for task in tasks]
+            val[lr] = statistics.mean(accs)
+        best = max(grid, key=val.get)
+        chosen[method] = [flag, str(best)]
+        print(f"{method}: {flag} {best:g} (mean val200 " + ", ".join(f"{lr:g}: {v:.3f}" for lr, v in val.items())
+              + ")", flush=True)
+    (out / "search.json").write_text(json.dumps(chosen, indent=1))
+    return chosen
+
+
+def run_suite(out: Path, methods, tasks, seeds, extra: list[str], method_args: dict[str, list[str]]) -> list[dict]:
+    return [_run_once(out / task / f"{method}-seed{seed}",
+                      ["--task", task, "--method", method, "--seed", str(seed), *method_args.get(method, []), *extra])
+            for seed in seeds for task in tasks for method in methods]
+
+
+def score(accuracy_by_task: dict[str, float]) -> float:
+    """VTAB's mean of group means over the tasks present."""
+    groups = defaultdict(list)
+    for task, accuracy in accuracy_by_task.items():
+        groups[TASKS[task].group].append(accuracy)
+    return statistics.mean(statistics.mean(values) for values in groups.values())
+
+
+def aggregate(results: list[dict]) -> list[dict]:
+    """One row per method: per-task mean and std over seeds, group means, the score's mean and std over seeds."""
+    by_method = defaultdict(lambda: defaultdict(dict))
+    params = {}
+    for r in results:
+        by_method[r["method"]][r["seed"]][r["task"]] = 100 * r["test_acc"]
+        params[r["method"]] = r["trainable"]
+    rows = []
+    for method, by_seed in by_method.items():
+        tasks = sorted({t for accs in by_seed.values() for t in accs}, key=list(TASKS).index)
+        complete = [accs for accs in by_seed.values() if set(accs) == set(tasks)]
+        per_task = {t: [accs[t] for accs in by_seed.values() if t in accs] for t in tasks}
+        scores = [score(accs) for accs in complete]
+        groups = {g: statistics.mean(statistics.mean(per_task[t]) for t in tasks if TASKS[t].group == g)
+                  for g in GROUPS if any(TASKS[t].group == g for t in tasks)}
+        rows.append(dict(
+            method=method, trainable=params[method], seeds=len(complete),
+            task_mean={t: statistics.mean(v) for t, v in per_task.items()},
+            task_std={t: statistics.stdev(v) if len(v) > 1 else 0.0 for t, v in per_task.items()},
+            groups=groups, score=statistics.mean(scores) if scores else float("nan"),
+            score_std=statistics.stdev(scores) if len(scores) > 1 else 0.0,
+        ))
+    order = {m: i for i, m in enumerate(METHODS)}
+    return sorted(rows, key=lambda row: order.get(row["method"], len(order)))
+
+
+def markdown(rows: list[dict]) -> str:
+    tasks = [t for t in TASKS if any(t in r["task_mean"] for r in rows)]
+    groups = [g for g in GROUPS if any(g in r["groups"] for r in rows)]
+    header = ["method", "trainable", *tasks, *groups, "score"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [LABELS.get(r["method"], r["method"]), f"{r['trainable']:,}"]
+        cells += [f"{r['task_mean'][t]:.1f} ± {r['task_std'][t]:.1f}" if t in r["task_mean"] else "" for t in tasks]
+        cells += [f"{r['groups'][g]:.1f}" if g in r["groups"] else "" for g in groups]
+        cells.append(f"**{r['score']:.1f} ± {r['score_std']:.1f}**")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for r in rows:
+        x = max(r["trainable"], 1)
+        ax.errorbar(x, r["score"], yerr=r["score_std"], fmt="o", capsize=3,
+                    color="tab:red" if r["method"] in ("psoft", "oft") else "tab:gray")
+        ax.annotate(LABELS.get(r["method"], r["method"]), (x, r["score"]), textcoords="offset points",
+                    xytext=(6, 4), fontsize=8)
+    ax.set_xscale("symlog", linthresh=100)
+    ax.set_xlabel("trainable parameters outside the head (log)")
+    ax.set_ylabel("VTAB-offline score (mean of group means, %)")
+    ax.set_title("Accuracy against trainable parameters (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_reports(results: list[dict], out: Path) -> str:
+    fields = ["task", "method", "seed", "test_acc", "best_val", "best_epoch", "trainable", "head_params", "train_s",
+              "peak_mib", "setup_s"]
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(results)
+    rows = aggregate(results)
+    table = markdown(rows)
+    (out / "summary.md").write_text(table)
+    chart(rows, out / "accuracy_vs_params.png")
+    return table
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m train.vtab_suite", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/vtab-suite"))
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated VTAB-offline tasks (default all)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--extra", default="", help="more train.vtab arguments for every run, one quoted string")
+    parser.add_argument("--search", metavar="TASKS", help="first pick each method's learning rate from LR_GRID on "
+                        "these comma-separated tasks (seed 0, best mean val200); otherwise use <out>/search.json "
+                        "if present, else train.vtab's defaults")
+    args = parser.parse_args(argv)
+    methods, tasks = args.methods.split(","), args.tasks.split(",")
+    for method in methods:
+        if method not in METHODS:
+            parser.error(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    for task in tasks:
+        if task not in TASKS:
+            parser.error(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    extra = shlex.split(args.extra)
+    if args.search:
+        method_args = search(args.out, methods, args.search.split(","), extra)
+    elif (args.out / "search.json").is_file():
+        method_args = json.loads((args.out / "search.json").read_text())
+    else:
+        method_args = {}
+    results = run_suite(args.out, methods, tasks, [int(s) for s in args.seeds.split(",")], extra, method_args)
+    print(write_reports(results, args.out))
+    print(f"wrote {args.out / 'results.csv'}, {args.out / 'summary.md'}, {args.out / 'accuracy_vs_params.png'}")
+
+
+if __name__ == "__main__":
+    main()
