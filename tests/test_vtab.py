@@ -10,33 +10,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from train import offline_data, vtab, vtab_suite
-from train.vtab_data import Preprocess, VTABFolderError, folder_splits, read_list
+from train.vtab_data import Preprocess, VTABFolderError, folder_splits, read_list, write_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 PREPROCESS = Preprocess((32, 32), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
-def make_folder(root: Path, sizes=None, classes=3) -> Path:
-    """A VTAB-1k task folder of 20x20 PNGs whose colour encodes the label."""
-    sizes = sizes or {"train800": 9, "val200": 3, "test": 6}
-    lists = {}
-    for split, n in sizes.items():
-        (root / "images" / split).mkdir(parents=True)
-        lines = []
-        for i in range(n):
-            label = i % classes
-            pixels = np.full((20, 20, 3), 40 * label, np.uint8)
-            Image.fromarray(pixels).save(root / "images" / split / f"{i:06d}.png")
-            lines.append(f"images/{split}/{i:06d}.png {label}")
-        lists[split] = lines
-    lists["train800val200"] = lists["train800"] + lists["val200"]
-    for split, lines in lists.items():
-        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
-    return root
+def make_folder(root: Path, classes=3) -> Path:
+    """A VTAB-1k task folder of 20x20 images whose grey level encodes the label."""
+    def split(n):
+        labels = np.arange(n) % classes
+        return np.repeat(40 * labels, 20 * 20 * 3).astype(np.uint8).reshape(n, 20, 20, 3), labels
+
+    return write_folder(root, {"train800": split(9), "val200": split(3), "test": split(6)})
 
 
 def test_folder_loader_reads_resizes_and_normalises(tmp_path):

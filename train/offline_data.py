@@ -232,22 +232,10 @@ def task_split(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def export_vtab_folder(name: str, root: Path) -> Path:
-    """Write one task in the VTAB-1k folder layout (SPEC section 8), PNG so the pixels stay exact."""
-    folder = Path(root) / name
-    lists = {}
-    for split in SPLIT_SIZES:
-        (folder / "images" / split).mkdir(parents=True, exist_ok=True)
-        images, labels = task_split(name, split)
-        lines = []
-        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
-            relative = f"images/{split}/{i:06d}.png"
-            Image.fromarray(image).save(folder / relative)
-            lines.append(f"{relative} {label}")
-        lists[split] = lines
-    lists["train800val200"] = lists["train800"] + lists["val200"]
-    for split, lines in lists.items():
-        (folder / f"{split}.txt").write_text("\n".join(lines) + "\n")
-    return folder
+    """Write one task in the VTAB-1k folder layout (SPEC section 8), PNG so that the pixels stay exact."""
+    from .vtab_data import write_folder
+
+    return write_folder(Path(root) / name, {split: task_split(name, split) for split in SPLIT_SIZES})
 
 
 def main(argv=None):

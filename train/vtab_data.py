@@ -47,6 +47,24 @@ class Preprocess:
         return batched[0] if x.ndim == 3 else batched
 
 
+def write_folder(folder: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
+    """Write (N, H, W, 3) uint8 images and their labels per split in the VTAB-1k layout, as PNG, with the list
+    files and train800val200.txt when train800 and val200 are given."""
+    lists = {}
+    for split, (images, labels) in splits.items():
+        (folder / "images" / split).mkdir(parents=True, exist_ok=True)
+        lists[split] = []
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+            relative = f"images/{split}/{i:06d}.png"
+            Image.fromarray(image).save(folder / relative)
+            lists[split].append(f"{relative} {label}")
+    if "train800" in lists and "val200" in lists:
+        lists["train800val200"] = lists["train800"] + lists["val200"]
+    for split, lines in lists.items():
+        (folder / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
 def read_list(folder: Path, split: str) -> list[tuple[Path, int]]:
     """The (image path, label) pairs of one list file, every path checked to exist."""
     folder = Path(folder)
@@ -89,7 +107,7 @@ class FolderDataset(Dataset):
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         with Image.open(path) as image:
-            pixels = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1)
+            pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
         return self.preprocess(pixels), label
 
 

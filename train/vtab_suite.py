@@ -5,7 +5,8 @@
 
 Every run lands in <out>/<task>/<method>-seed<seed>/ (see train.vtab); a run whose metrics.json exists is not run
 again, so an interrupted suite continues where it stopped. --search first picks each method's learning rate on
-val200 (LR_GRID); --extra arguments go to every run after the method's own. The score is VTAB's: the mean over the three groups of the group means.
+val200 (LR_GRID), and seed 0 reuses those runs; --extra arguments go to every run after the method's own.
+The score is VTAB's: the mean over the three groups of the group means.
 """
 
 import argparse
@@ -45,6 +46,10 @@ def _run_once(folder: Path, argv: list[str]) -> dict:
     return metrics
 
 
+def _search_folder(out: Path, task: str, method: str, flag: str, lr: float) -> Path:
+    return out / "search" / task / f"{method}-{flag[2:]}{lr:g}"
+
+
 def search(out: Path, methods, tasks, extra: list[str]) -> dict[str, list[str]]:
     """Each method's learning rate with the best mean val200 accuracy over the tasks (seed 0)."""
     chosen = {}
@@ -52,7 +57,7 @@ def search(out: Path, methods, tasks, extra: list[str]) -> dict[str, list[str]]:
         flag, grid = LR_GRID[method]
         val = {}
         for lr in grid:
-            accs = [_run_once(out / "search" / task / f"{method}-{flag[2:]}{lr:g}",
+            accs = [_run_once(_search_folder(out, task, method, flag, lr),
                               ["--task", task, "--method", method, "--seed", "0", flag, str(lr), *extra])["best_val"]
                     for task in tasks]
             val[lr] = statistics.mean(accs)
@@ -65,9 +70,19 @@ def search(out: Path, methods, tasks, extra: list[str]) -> dict[str, list[str]]:
 
 
 def run_suite(out: Path, methods, tasks, seeds, extra: list[str], method_args: dict[str, list[str]]) -> list[dict]:
-    return [_run_once(out / task / f"{method}-seed{seed}",
-                      ["--task", task, "--method", method, "--seed", str(seed), *method_args.get(method, []), *extra])
-            for seed in seeds for task in tasks for method in methods]
+    results = []
+    for seed in seeds:
+        for task in tasks:
+            for method in methods:
+                folder = out / task / f"{method}-seed{seed}"
+                if seed == 0 and method in method_args:  # the search already ran this exact configuration
+                    flag, lr = method_args[method]
+                    searched = _search_folder(out, task, method, flag, float(lr))
+                    if (searched / "metrics.json").is_file():
+                        folder = searched
+                argv = ["--task", task, "--method", method, "--seed", str(seed), *method_args.get(method, []), *extra]
+                results.append(_run_once(folder, argv))
+    return results
 
 
 def score(accuracy_by_task: dict[str, float]) -> float:
