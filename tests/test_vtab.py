@@ -160,3 +160,25 @@ def test_two_processes_agree_with_each_other_and_with_one(tmp_path):
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
     assert abs(two["test_acc"] - one["test_acc"]) <= 0.002
+
+
+def test_task_folder_and_final_protocol_through_the_trainer(tmp_path):
+    folder = offline_data.export_vtab_folder("scale", tmp_path / "data")
+    metrics = vtab.main(["--data-dir", str(folder), "--protocol", "final", "--epochs", "1", "--quiet",
+                         "--method", "linear", "--output-dir", str(tmp_path / "run")])
+    assert metrics["classes"] == 5 and metrics["best_val"] is None and metrics["start_val"] is None
+    assert len(metrics["history"]) == 1 and 0 <= metrics["test_acc"] <= 1
+    assert (tmp_path / "run" / "trainable.safetensors").is_file()
+
+
+def test_local_weights_file_loads_the_shipped_backbone(tmp_path):
+    from train.backbone import BACKBONE_FILE
+
+    args = vtab.parse_args(["--model", "vit_pico_patch8_32", "--weights", str(BACKBONE_FILE)])
+    from_file = vtab.create_model(args, num_classes=3).state_dict()
+    from_tag = vtab.create_model(vtab.parse_args([]), num_classes=3).state_dict()
+    shipped = load_file(BACKBONE_FILE)
+    assert all(torch.equal(from_file[k], shipped[k].float()) for k in shipped if not k.startswith("head."))
+    assert all(torch.equal(from_file[k], from_tag[k]) for k in shipped if not k.startswith("head."))
+    with pytest.raises(FileNotFoundError, match="--weights"):
+        vtab.create_model(vtab.parse_args(["--weights", str(tmp_path / "missing.safetensors")]), num_classes=3)
