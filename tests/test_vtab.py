@@ -138,6 +138,8 @@ def test_suite_runs_every_method_writes_reports_and_skips_finished_runs(tmp_path
     stamp = (tmp_path / "count" / "psoft-seed0" / "metrics.json").stat().st_mtime_ns
     vtab_suite.main(argv)
     assert (tmp_path / "count" / "psoft-seed0" / "metrics.json").stat().st_mtime_ns == stamp
+    with pytest.raises(vtab_suite.StaleRunError, match="epochs"):
+        vtab_suite.main(argv[:-1] + ["--epochs 2"])
 
 
 def test_two_processes_agree_with_each_other_and_with_one(tmp_path):

@@ -20,27 +20,40 @@ from pathlib import Path
 from .offline_data import TASKS
 from .vtab import METHODS, parse_args, run
 
-#: Learning rates tried per method by --search (seed 0, the best mean val200 accuracy wins); the linear probe
-#: searches the head's learning rate, every other method its own with the head at 5e-3.
+#: Learning rates tried per method by --search (seed 0, the best mean val200 accuracy wins, the grid growing upward
+#: while the best is its largest); the linear probe searches the head's learning rate, every other method its own
+#: with the head at 5e-3.
+ADAPTER_LRS = (1e-3, 5e-3, 2e-2, 5e-2)
 LR_GRID = {
-    "psoft": ("--lr", (1e-3, 5e-3, 2e-2)),
-    "oft": ("--lr", (1e-3, 5e-3, 2e-2)),
-    "lora": ("--lr", (1e-3, 5e-3, 2e-2)),
-    "peft-oft": ("--lr", (1e-3, 5e-3, 2e-2)),
-    "peft-psoft": ("--lr", (1e-3, 5e-3, 2e-2)),
-    "full": ("--lr", (1e-4, 3e-4, 1e-3)),
-    "linear": ("--head-lr", (5e-3, 2e-2, 5e-2)),
+    "psoft": ("--lr", ADAPTER_LRS),
+    "oft": ("--lr", ADAPTER_LRS),
+    "lora": ("--lr", ADAPTER_LRS),
+    "peft-oft": ("--lr", ADAPTER_LRS),
+    "peft-psoft": ("--lr", ADAPTER_LRS),
+    "full": ("--lr", (1e-4, 3e-4, 1e-3, 3e-3)),
+    "linear": ("--head-lr", (5e-3, 2e-2, 5e-2, 1e-1)),
 }
 LABELS = {"psoft": "ours PSOFT", "oft": "ours OFTv2", "lora": "PEFT LoRA r=8", "peft-oft": "PEFT OFT",
           "peft-psoft": "PEFT PSOFT", "full": "full fine-tuning", "linear": "linear probing"}
 GROUPS = ("natural", "specialized", "structured")
 
 
+class StaleRunError(ValueError):
+    """A finished run in the suite's folder was made with other settings than the ones asked for now."""
+
+
 def _run_once(folder: Path, argv: list[str]) -> dict:
+    args = parse_args([*argv, "--output-dir", str(folder), "--resume", "--quiet"])
     done = folder / "metrics.json"
     if done.is_file():
-        return json.loads(done.read_text())
-    metrics = run(parse_args([*argv, "--output-dir", str(folder), "--resume", "--quiet"]))
+        metrics = json.loads(done.read_text())
+        wanted = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        differ = sorted(k for k, v in wanted.items() if metrics["args"].get(k) != v)
+        if differ:
+            raise StaleRunError(f"{done} was run with other settings ({', '.join(differ)}); delete that folder or "
+                                "choose another --out")
+        return metrics
+    metrics = run(args)
     print(f"{folder}: val {metrics['best_val']:.3f}, test {metrics['test_acc']:.3f} ({metrics['train_s']:.0f} s)",
           flush=True)
     return metrics
@@ -50,18 +63,24 @@ def _search_folder(out: Path, task: str, method: str, flag: str, lr: float) -> P
     return out / "search" / task / f"{method}-{flag[2:]}{lr:g}"
 
 
-def search(out: Path, methods, tasks, extra: list[str]) -> dict[str, list[str]]:
-    """Each method's learning rate with the best mean val200 accuracy over the tasks (seed 0)."""
+def search(out: Path, methods, tasks, extra: list[str], max_extensions: int = 2) -> dict[str, list[str]]:
+    """Each method's learning rate with the best mean val200 accuracy over the tasks (seed 0). While the best is
+    the largest tried, the grid grows by a factor of 3 (at most ``max_extensions`` times)."""
     chosen = {}
     for method in methods:
         flag, grid = LR_GRID[method]
-        val = {}
-        for lr in grid:
-            accs = [_run_once(_search_folder(out, task, method, flag, lr),
-                              ["--task", task, "--method", method, "--seed", "0", flag, str(lr), *extra])["best_val"]
-                    for task in tasks]
-            val[lr] = statistics.mean(accs)
-        best = max(grid, key=val.get)
+        grid, val = list(grid), {}
+        while True:
+            for lr in grid:
+                if lr not in val:
+                    runs = [_run_once(_search_folder(out, task, method, flag, lr),
+                                      ["--task", task, "--method", method, "--seed", "0", flag, str(lr), *extra])
+                            for task in tasks]
+                    val[lr] = statistics.mean(r["best_val"] for r in runs)
+            best = max(grid, key=val.get)
+            if best != grid[-1] or len(grid) == len(LR_GRID[method][1]) + max_extensions:
+                break
+            grid.append(float(f"{grid[-1] * 3:.3g}"))
         chosen[method] = [flag, str(best)]
         print(f"{method}: {flag} {best:g} (mean val200 " + ", ".join(f"{lr:g}: {v:.3f}" for lr, v in val.items())
               + ")", flush=True)
