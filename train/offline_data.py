@@ -10,6 +10,7 @@ Every task has 800 train, 200 val and 2000 test images of 32x32 RGB, drawn from 
 (disjoint Fashion-MNIST images or digit glyphs, disjoint tiles of each photograph), with balanced labels.
 
     python -m train.offline_data --export runs/vtab-offline   # writes every task in the VTAB-1k folder layout
+    python -m train.offline_data --preview docs/vtab_offline_tasks.png
 """
 
 import argparse
@@ -238,12 +239,34 @@ def export_vtab_folder(name: str, root: Path) -> Path:
     return write_folder(Path(root) / name, {split: task_split(name, split) for split in SPLIT_SIZES})
 
 
+def preview(path: Path, per_task: int = 12, zoom: int = 2) -> Path:
+    """One row of train images per task, task names on the left, as a PNG."""
+    from PIL import ImageDraw
+
+    label_width, side = 110, SIZE * zoom
+    sheet = Image.new("RGB", (label_width + per_task * side, len(TASKS) * side), "white")
+    draw = ImageDraw.Draw(sheet)
+    for row, name in enumerate(TASKS):
+        images, labels = task_split(name, "train800")
+        draw.text((4, row * side + side // 2 - 6), name, fill="black")
+        for col in range(per_task):
+            tile = Image.fromarray(images[col]).resize((side, side), Image.NEAREST)
+            sheet.paste(tile, (label_width + col * side, row * side))
+    sheet.save(path)
+    return Path(path)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--export", type=Path, required=True, help="folder to write the tasks into")
+    parser.add_argument("--export", type=Path, help="folder to write the tasks into, in the VTAB-1k layout")
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated task names (default: all)")
+    parser.add_argument("--preview", type=Path, help="write a PNG with a row of train images per task")
     args = parser.parse_args(argv)
-    for name in args.tasks.split(","):
+    if args.export is None and args.preview is None:
+        parser.error("give --export FOLDER and/or --preview PNG")
+    if args.preview is not None:
+        print(preview(args.preview))
+    for name in args.tasks.split(",") if args.export is not None else ():
         print(export_vtab_folder(name, args.export))
 
 
