@@ -13,11 +13,11 @@ from which --resume continues after an interruption exactly as if none had happe
 """
 
 import argparse
-import copy
 import csv
 import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +30,11 @@ PEFT = ("lora", "peft-oft", "peft-psoft")
 METHODS = (*OURS, *PEFT, "full", "linear")
 DEFAULT_MODEL = "vit_pico_patch8_32.fmnist"
 DEFAULT_TASK = "photo-crops"
+#: What the committed learning-rate search on VTAB-offline chose for the offline backbone (docs/vtab_offline.md);
+#: linear probing trains the head only, so its --lr is never used.
+DEFAULT_LR = {"psoft": 2e-2, "oft": 5e-3, "lora": 2e-2, "peft-oft": 2e-2, "peft-psoft": 2e-2, "full": 3e-3,
+              "linear": 5e-3}
+DEFAULT_HEAD_LR = {"linear": 0.3}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,13 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--block-size", type=int, default=32, help="OFT block size, ours and PEFT's")
     g.add_argument("--lora-rank", type=int, default=8)
     g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank, a scale of 1)")
+    g.add_argument("--train-modules", type=lambda text: [n for n in text.split(",") if n], default=[],
+                   metavar="NAMES", help="comma-separated modules trained in full beside the adapter and the head, "
+                   "e.g. patch_embed,norm (ours: train_modules; PEFT: modules_to_save)")
     g.add_argument("--adapter-dropout", type=float, default=0.1, help="dropout on the adapter path (SPEC: 0.1)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=10, help="(SPEC for ViT-B/16: 50)")
     g.add_argument("--batch-size", type=int, default=64, help="global batch size, split across processes")
     g.add_argument("--eval-batch-size", type=int, default=256)
-    g.add_argument("--lr", type=float, default=5e-3, help="learning rate of adapters (or of the whole network)")
-    g.add_argument("--head-lr", type=float, default=5e-3, help="learning rate of the new classifier head")
+    g.add_argument("--lr", type=float, help="learning rate of adapters (or of the whole network); default: the "
+                   "method's value in DEFAULT_LR, searched for the offline backbone (SPEC for ViT-B/16: 5e-4)")
+    g.add_argument("--head-lr", type=float, help="learning rate of the new classifier head (default 5e-3; linear "
+                   "probing 0.3, as searched)")
     g.add_argument("--weight-decay", type=float, default=1e-3)
     g.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps with linear warm-up")
     g.add_argument("--seed", type=int, default=0)
@@ -82,6 +92,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.data_dir is None and args.task is None:
         args.task = DEFAULT_TASK
+    if args.lr is None:
+        args.lr = DEFAULT_LR[args.method]
+    if args.head_lr is None:
+        args.head_lr = DEFAULT_HEAD_LR.get(args.method, 5e-3)
     if args.output_dir is None:
         task = args.task or args.data_dir.name
         args.output_dir = Path("runs/vtab") / task / f"{args.method}-seed{args.seed}"
@@ -107,14 +121,15 @@ def apply_method(model, args):
     """The model with the method's trainable parts; only those require gradients."""
     import psoft_vision as pv
 
-    head = model.pretrained_cfg.get("classifier", "head")
+    trained = [model.pretrained_cfg.get("classifier", "head"), *args.train_modules]
     if args.method in OURS:
         config = pv.PSOFTConfig(rank=args.rank) if args.method == "psoft" else pv.OFTConfig(block_size=args.block_size)
-        config.dropout, config.train_modules = args.adapter_dropout, (head,)
+        config.dropout, config.train_modules = args.adapter_dropout, tuple(trained)
         return pv.inject(model, config)
     if args.method == "linear":
         model.requires_grad_(False)
-        model.get_submodule(head).requires_grad_(True)
+        for name in trained:
+            model.get_submodule(name).requires_grad_(True)
         return model
     if args.method == "full":
         return model
@@ -123,7 +138,7 @@ def apply_method(model, args):
     from psoft_vision.targets import PRESETS, auto_preset, select
 
     targets = select(model, PRESETS[auto_preset(model)])  # the layers ours adapts
-    common = dict(target_modules=targets, modules_to_save=[head])
+    common = dict(target_modules=targets, modules_to_save=trained)
     config = {
         "lora": lambda: peft.LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank,
                                         lora_dropout=args.adapter_dropout, **common),
@@ -394,15 +409,17 @@ def summary_line(m: dict) -> str:
 
 
 def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     metrics = run(args)
     if "saved" not in metrics:  # interrupted, or not the main process
         return metrics
     print(summary_line(metrics))
     if args.baseline:
-        baseline = copy.copy(args)
-        baseline.method, baseline.baseline = args.baseline, None
-        baseline.output_dir = Path(args.output_dir) / f"baseline-{args.baseline}"
+        # Parsed anew, so that the baseline gets its own default learning rates; the last --method wins.
+        baseline = parse_args([*argv, "--method", args.baseline,
+                               "--output-dir", str(Path(args.output_dir) / f"baseline-{args.baseline}")])
+        baseline.baseline = None
         other = run(baseline)
         print(summary_line(other))
         print(f"test accuracy: {args.method} {metrics['test_acc']:.3f} against {args.baseline} probing "

@@ -47,8 +47,11 @@ def _run_once(folder: Path, argv: list[str]) -> dict:
     done = folder / "metrics.json"
     if done.is_file():
         metrics = json.loads(done.read_text())
-        wanted = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        differ = sorted(k for k, v in wanted.items() if metrics["args"].get(k) != v)
+        def plain(namespace):
+            return {k: str(v) if isinstance(v, Path) else v for k, v in vars(namespace).items()}
+
+        recorded = {**plain(parse_args([])), **metrics["args"]}  # options newer than the run were at their default
+        differ = sorted(k for k, v in plain(args).items() if recorded[k] != v)
         if differ:
             raise StaleRunError(f"{done} was run with other settings ({', '.join(differ)}); delete that folder or "
                                 "choose another --out")
@@ -160,11 +163,11 @@ def chart(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for r in rows:
-        x = max(r["trainable"], 1)
-        ax.errorbar(x, r["score"], yerr=r["score_std"], fmt="o", capsize=3,
-                    color="tab:red" if r["method"] in ("psoft", "oft") else "tab:gray")
+        x, ours = max(r["trainable"], 1), r["method"] in ("psoft", "oft")
+        ax.errorbar(x, r["score"], yerr=r["score_std"], fmt="o", capsize=3, color="tab:red" if ours else "tab:gray")
+        # ours above, PEFT's below: ours and PEFT's version of a method train the same numbers, so share an x
         ax.annotate(LABELS.get(r["method"], r["method"]), (x, r["score"]), textcoords="offset points",
-                    xytext=(6, 4), fontsize=8)
+                    xytext=(6, 5 if ours else -11), fontsize=8)
     ax.set_xscale("symlog", linthresh=100)
     ax.set_xlabel("trainable parameters outside the head (log)")
     ax.set_ylabel("VTAB-offline score (mean of group means, %)")
