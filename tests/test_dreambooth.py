@@ -1,0 +1,296 @@
+"""DreamBooth trainer (train/dreambooth.py) end to end through its CLI entry point, on a tiny pipeline built from the
+project's configs (train/pretrain_t2i.py) and saved to a temporary folder, so every run takes the real
+``from_pretrained`` path: outputs, adapter file keys and metadata, the exported LoRA under diffusers'
+``load_lora_weights``, exact resumption, the prior-preservation batch, the v-prediction target, clear errors."""
+
+import json
+
+import pytest
+import torch
+from conftest import rel_err
+from PIL import Image
+from safetensors import safe_open
+
+import psoft_vision as pv
+from psoft_vision.diffusers import load_adapter_into_pipeline
+from psoft_vision.targets import PRESETS, select
+from train import dreambooth, metrics
+from train.pretrain_t2i import build_pipeline
+
+TOL = 1e-4  # a LoRA export reproduces the adapted UNet to this relative error (fp32)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-t2i")
+    build_pipeline(seed=0).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def subject_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("subject")
+    for i, view in enumerate(sorted((dreambooth.DEFAULT_SUBJECT).glob("*.png"))[:3]):
+        Image.open(view).resize((40, 40)).save(path / f"view-{i}.png")  # 40 px: the trainer resizes to 32
+    (path / "notes.txt").write_text("not an image")
+    return path
+
+
+@pytest.fixture(scope="module")
+def class_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("class-images")
+
+
+def cli(pipe_dir, subject_dir, class_dir, output_dir, *extra) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(pipe_dir), "--instance_data_dir", str(subject_dir),
+            "--class_data_dir", str(class_dir), "--output_dir", str(output_dir), "--num_class_images", "2",
+            "--sample_batch_size", "2", "--train_batch_size", "2", "--num_inference_steps", "2",
+            "--num_validation_images", "2", "--max_train_steps", "2", "--quiet", *map(str, extra)]
+
+
+@pytest.fixture(scope="module", params=["psoft", "oft"])
+def two_steps(request, pipe_dir, subject_dir, class_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"run-{request.param}")
+    result = dreambooth.main(cli(pipe_dir, subject_dir, class_dir, out, "--method", request.param,
+                                 "--validation_steps", 1, "--checkpointing_steps", 1))
+    return request.param, out, result
+
+
+def load(pipe_dir):
+    return dreambooth.load_pipeline(pipe_dir, torch.device("cpu"))
+
+
+@torch.no_grad()
+def unet_out(pipe) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    return pipe.unet(torch.randn(2, 4, 16, 16, generator=gen), torch.tensor([10, 700]),
+                     torch.randn(2, 16, 64, generator=gen)).sample
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_two_step_run_writes_adapter_lora_grids_class_images_and_metrics(two_steps, pipe_dir, class_dir):
+    method, out, result = two_steps
+    assert result["finished"] and result["steps"] == 2 and result["method"] == method
+    assert sorted(p.name for p in class_dir.iterdir()) == ["class-00000.png", "class-00001.png"]
+    grids = sorted((out / "validation").iterdir())
+    assert [g.name for g in grids] == ["step-000001.png", "step-000002.png"]
+    assert Image.open(grids[-1]).size == (2 * 32, 32)  # two 32x32 images side by side
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,instance_loss,prior_loss,lr" and len(rows) == 3
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["prediction_type"] == "epsilon" and len(saved["history"]) == 2
+    assert (out / "checkpoint" / "trainer_state.json").is_file()
+
+    header, tensors = pv.read_adapter(out / "adapter.safetensors")
+    layers = select(load(pipe_dir).unet, PRESETS["unet"])
+    assert header["method"] == method and list(header["layers"]) == layers
+    assert header["config"]["targets"] == "auto" and set(header["fingerprints"]) == set(layers)
+    params = ("q", "alpha", "beta") if method == "psoft" else ("q",)
+    assert set(tensors) == {f"{layer}.{p}" for layer in layers for p in params}
+    assert result["trainable"] == sum(t.numel() for t in tensors.values())
+    assert all(tensors[f"{layer}.q"].abs().max() > 0 for layer in layers)  # trained, not the identity
+
+
+def test_exported_lora_loads_with_diffusers_and_matches_the_adapter(two_steps, pipe_dir):
+    _, out, _ = two_steps
+    base = unet_out(load(pipe_dir))
+    ours = load_adapter_into_pipeline(load(pipe_dir), out / "adapter.safetensors")
+    expected = unet_out(ours)
+    assert rel_err(expected, base) > 1e-5  # two steps moved the model, or matching proves nothing
+    fresh = load(pipe_dir)
+    fresh.load_lora_weights(out / "lora", weight_name="pytorch_lora_weights.safetensors")
+    assert rel_err(unet_out(fresh), expected) <= TOL
+    pv.merge(ours.unet)
+    assert rel_err(unet_out(ours), expected) <= TOL
+
+
+def test_resume_continues_exactly_as_an_uninterrupted_run(pipe_dir, subject_dir, class_dir, tmp_path):
+    args = ("--max_train_steps", 4, "--checkpointing_steps", 2, "--validation_steps", 4, "--lr_warmup_steps", 1)
+    dreambooth.main(cli(pipe_dir, subject_dir, class_dir, tmp_path / "a", *args))
+    first = dreambooth.main(cli(pipe_dir, subject_dir, class_dir, tmp_path / "b", *args, "--stop_after_steps", 3))
+    assert not first["finished"] and first["step"] == 3
+    assert not (tmp_path / "b" / "adapter.safetensors").exists()
+    resumed = dreambooth.main(cli(pipe_dir, subject_dir, class_dir, tmp_path / "b", *args,
+                                  "--resume_from_checkpoint", "latest"))
+    assert resumed["finished"] and resumed["steps"] == 4
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())["history"]
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())["history"]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    _, ta = pv.read_adapter(tmp_path / "a" / "adapter.safetensors")
+    _, tb = pv.read_adapter(tmp_path / "b" / "adapter.safetensors")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_prior_batch_puts_instances_first_and_the_loss_weights_the_class_half():
+    instance, class_ = torch.zeros(2, 4, 2, 2), torch.ones(3, 4, 2, 2)
+    e_instance = {"encoder_hidden_states": torch.full((1, 5, 8), 7.0), "pooled_projections": torch.full((1, 3), 1.0)}
+    e_class = {"encoder_hidden_states": torch.full((1, 5, 8), -7.0), "pooled_projections": torch.full((1, 3), -1.0)}
+    latents, condition = dreambooth.prior_batch(instance, e_instance, class_[:2], e_class)
+    assert torch.equal(latents, torch.cat([instance, class_[:2]])) and condition.keys() == e_instance.keys()
+    for key, value in condition.items():
+        assert torch.equal(value[:2], e_instance[key].expand(2, *e_instance[key].shape[1:]))
+        assert torch.equal(value[2:], e_class[key].expand(2, *e_class[key].shape[1:]))
+    latents, condition = dreambooth.prior_batch(instance, e_instance, None, None)
+    assert torch.equal(latents, instance) and condition["encoder_hidden_states"].shape == (2, 5, 8)
+
+    target = torch.zeros(4, 4, 2, 2)
+    prediction = torch.cat([torch.full((2, 4, 2, 2), 2.0), torch.full((2, 4, 2, 2), 1.0)])
+    loss, instance_loss, prior_loss = dreambooth.dreambooth_loss(prediction, target, True, 0.5)
+    assert (loss.item(), instance_loss, prior_loss) == (4.5, 4.0, 1.0)
+    loss, instance_loss, prior_loss = dreambooth.dreambooth_loss(prediction, target, False, 0.5)
+    assert (loss.item(), prior_loss) == (2.5, None)
+
+
+def test_training_batches_pair_instance_and_class_prompts(pipe_dir, subject_dir, class_dir, tmp_path, monkeypatch):
+    """In a real run every UNet call in training sees the instance prompt on its first half and the class prompt on
+    its second half."""
+    seen = []
+    apply_method = dreambooth.apply_method
+
+    def recording(unet, args):
+        apply_method(unet, args)
+        unet.register_forward_pre_hook(
+            lambda m, args, kwargs: seen.append(kwargs["encoder_hidden_states"].clone()) if m.training else None,
+            with_kwargs=True)
+
+    monkeypatch.setattr(dreambooth, "apply_method", recording)
+    dreambooth.main(cli(pipe_dir, subject_dir, class_dir, tmp_path, "--max_train_steps", 1,
+                        "--validation_steps", 5, "--train_batch_size", 3))
+    pipe = load(pipe_dir)
+    with torch.no_grad():
+        instance = pipe.encode_prompt(dreambooth.DEFAULT_INSTANCE_PROMPT, "cpu", 1, False)[0]
+        class_ = pipe.encode_prompt(dreambooth.DEFAULT_CLASS_PROMPT, "cpu", 1, False)[0]
+    assert len(seen) == 1 and seen[0].shape[0] == 6
+    assert torch.equal(seen[0][:3], instance.expand(3, -1, -1))
+    assert torch.equal(seen[0][3:], class_.expand(3, -1, -1))
+
+
+def test_v_prediction_target_and_a_v_prediction_run(pipe_dir, subject_dir, class_dir, tmp_path):
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(prediction_type="v_prediction")
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 2, 2, generator=gen), torch.randn(3, 4, 2, 2, generator=gen)
+    t = torch.tensor([0, 500, 999])
+    a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    expected = a.sqrt() * noise - (1 - a).sqrt() * x0
+    assert torch.allclose(dreambooth.training_target(scheduler, x0, noise, t, "v_prediction"), expected, atol=1e-6)
+    assert dreambooth.training_target(scheduler, x0, noise, t, "epsilon") is noise
+    result = dreambooth.main(cli(pipe_dir, subject_dir, class_dir, tmp_path, "--max_train_steps", 1,
+                                 "--prediction_type", "v_prediction", "--no-with_prior_preservation"))
+    assert result["prediction_type"] == "v_prediction" and result["finished"]
+
+
+def test_peft_lora_method_saves_a_lora_diffusers_loads_and_only_missing_class_images_are_made(
+        pipe_dir, subject_dir, tmp_path):
+    classes = tmp_path / "classes"
+    classes.mkdir()
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(classes / "mine.png")
+    result = dreambooth.main(cli(pipe_dir, subject_dir, classes, tmp_path, "--method", "lora", "--lora_rank", 2,
+                                 "--max_train_steps", 1))
+    assert result["finished"] and not (tmp_path / "adapter.safetensors").exists()
+    assert result["class_images_generated"] == 1
+    assert sorted(p.name for p in classes.iterdir()) == ["class-00000.png", "mine.png"]
+    with safe_open(tmp_path / "lora" / "pytorch_lora_weights.safetensors", "pt") as f:
+        keys = list(f.keys())
+    layers = select(load(pipe_dir).unet, PRESETS["unet"])
+    assert len(keys) == 2 * len(layers) and all(k.startswith("unet.") for k in keys)
+    pipe = load(pipe_dir)
+    base = unet_out(pipe)
+    pipe.load_lora_weights(tmp_path / "lora")
+    assert rel_err(unet_out(pipe), base) > 0
+
+
+def test_bad_input_raises_named_errors(pipe_dir, subject_dir, class_dir, tmp_path):
+    def run(*extra, subject=subject_dir, pipe=pipe_dir):
+        return dreambooth.main(cli(pipe, subject, class_dir, tmp_path / "out", "--max_train_steps", 1, *extra))
+
+    with pytest.raises(dreambooth.DreamBoothError, match="not a folder"):
+        run(subject=tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(dreambooth.DreamBoothError, match="holds no images"):
+        run(subject=tmp_path / "empty")
+    with pytest.raises(dreambooth.DreamBoothError, match="unknown"):
+        run("--method", "boft")
+    with pytest.raises(dreambooth.DreamBoothError, match="model_index.json"):
+        run(pipe=subject_dir)
+    with pytest.raises(dreambooth.DreamBoothError, match="not a checkpoint"):
+        run("--resume_from_checkpoint", str(subject_dir))
+    with pytest.raises(dreambooth.DreamBoothError, match="at least 1"):
+        run("--max_train_steps", 0)
+
+
+def test_metric_primitives_on_known_inputs():
+    flat = lambda x: x.flatten(1)  # noqa: E731  an embedder: the pixels themselves
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(4, 3, 8, 8, generator=gen)
+    assert metrics.subject_similarity(flat, images[:1], images[:1]) == pytest.approx(1.0, abs=1e-6)
+    assert metrics.subject_similarity(flat, images[:1], -images[:1]) == pytest.approx(-1.0, abs=1e-6)
+    assert metrics.diversity(flat, images[:1].expand(3, -1, -1, -1)) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.diversity(flat, images) > 0.05
+    assert metrics.colour_distance(images, images) == 0.0
+    assert metrics.colour_distance(torch.zeros(1, 3, 4, 4), torch.ones(1, 3, 4, 4)) == 1.0
+    x0, noise, t = metrics.noisy_inputs(torch.zeros(2, 4, 2, 2), draws=3, seed=0, num_train_timesteps=1000)
+    assert x0.shape == noise.shape == (6, 4, 2, 2) and t.tolist()[0] == 50 and t.tolist()[-1] == 950
+    with pytest.raises(ValueError, match="dino:WEIGHTS"):
+        metrics.make_embedder("dino")
+
+
+def tiny_sd3_pipeline():
+    """An SD3-style pipeline: two tiny CLIP encoders with projection, no T5, a one-block SD3 transformer, flow
+    matching."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from train.pretrain_t2i import build_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    encoders = [CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=16, projection_dim=8, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+        for _ in range(2)]
+    transformer = diffusers.SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
+        pos_embed_max_size=16)
+    vae = build_pipeline(seed=0).vae
+    vae.register_to_config(shift_factor=0.1)  # SD3's VAE has one; the pipeline needs it
+    return diffusers.StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=encoders[0], tokenizer=tokenizer, text_encoder_2=encoders[1],
+        tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
+
+
+def test_flow_matching_on_an_sd3_style_transformer(subject_dir, tmp_path):
+    """The same loop on pipe.transformer: flow target, adapter on the diffusion-transformer preset, the exported LoRA
+    loads with the SD3 pipeline's load_lora_weights and matches."""
+    import diffusers
+
+    tiny_sd3_pipeline().save_pretrained(tmp_path / "sd3")
+    result = dreambooth.main(cli(tmp_path / "sd3", subject_dir, tmp_path / "class", tmp_path / "out",
+                                 "--validation_steps", 2))
+    assert result["finished"] and result["prediction_type"] == "flow"
+    assert len(list((tmp_path / "class").iterdir())) == 2
+
+    def out(pipe):
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            return pipe.transformer(hidden_states=torch.randn(2, 4, 16, 16, generator=gen),
+                                    encoder_hidden_states=torch.randn(2, 7, 32, generator=gen),
+                                    pooled_projections=torch.randn(2, 16, generator=gen),
+                                    timestep=torch.tensor([100.0, 800.0])).sample
+
+    load_sd3 = lambda: diffusers.StableDiffusion3Pipeline.from_pretrained(  # noqa: E731
+        tmp_path / "sd3", text_encoder_3=None, tokenizer_3=None)
+    base = out(load_sd3())
+    header, _ = pv.read_adapter(tmp_path / "out" / "adapter.safetensors")
+    assert list(header["layers"]) == select(load_sd3().transformer, PRESETS["diffusion-transformer"])
+    expected = out(load_adapter_into_pipeline(load_sd3(), tmp_path / "out" / "adapter.safetensors"))
+    assert rel_err(expected, base) > 1e-5
+    fresh = load_sd3()
+    fresh.load_lora_weights(tmp_path / "out" / "lora")
+    assert rel_err(out(fresh), expected) <= TOL
