@@ -30,8 +30,11 @@ def packed_size(size: int) -> int:
 
 @cache
 def _upper_flat_index(size: int, device: torch.device) -> torch.Tensor:
-    rows, cols = torch.triu_indices(size, size, offset=1, device=device)
-    return rows * size + cols
+    # Made outside inference mode even when first asked for inside it: the cached tensor also serves training,
+    # and autograd refuses to save an inference tensor.
+    with torch.inference_mode(False):
+        rows, cols = torch.triu_indices(size, size, offset=1, device=device)
+        return rows * size + cols
 
 
 def skew_from_packed(q: torch.Tensor, size: int) -> torch.Tensor:

@@ -3,6 +3,7 @@ import torch
 
 from psoft_vision.orthogonal import (
     NEUMANN_MAX_NORM,
+    _upper_flat_index,
     cayley,
     cayley_neumann,
     orthogonal_from_packed,
@@ -83,3 +84,14 @@ def test_gradients_flow_through_both_branches():
         q = torch.zeros(2, packed_size(6), requires_grad=True)
         orthogonal_from_packed(q, 6, terms)[..., 0, 1].sum().backward()
         assert q.grad.abs().sum() > 0
+
+
+def test_a_first_call_in_inference_mode_leaves_training_working():
+    """The packing index is cached per size; made inside torch.inference_mode it was an inference tensor, which
+    autograd refuses to save, so training after an inference-mode preview (the app's) failed."""
+    _upper_flat_index.cache_clear()
+    with torch.inference_mode():
+        orthogonal_from_packed(torch.zeros(packed_size(5)), 5)
+    q = torch.zeros(packed_size(5), requires_grad=True)
+    orthogonal_from_packed(q, 5, neumann_terms=4).sum().backward()
+    assert q.grad is not None and q.grad.shape == q.shape
