@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+APT := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo) env DEBIAN_FRONTEND=noninteractive apt-get
 
-.PHONY: demo test lint clean
+.PHONY: demo test app chromium lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +19,18 @@ $(STAMP): $(PY) pyproject.toml
 demo: $(STAMP)
 	$(PY) -m train.vtab --baseline linear
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(PY) -m pytest -q
 
+app: $(STAMP)
+	$(PY) -m apps.gradio_app
+
+# The app's browser test drives Debian's chromium through Playwright; pip cannot install it, apt-get can.
+chromium:
+	@command -v chromium >/dev/null || $(APT) install -y -qq chromium || { $(APT) update -qq && $(APT) install -y -qq chromium; }
+
 lint: $(STAMP)
-	$(PY) -m ruff check psoft_vision train tests
+	$(PY) -m ruff check psoft_vision train apps tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -13,6 +13,8 @@ from pathlib import Path
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
+from .offline_data import FASHION
+
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BACKBONE_FILE = ASSETS / "vit_pico_patch8_32.fmnist.safetensors"
 BACKBONE = "vit_pico_patch8_32.fmnist"
@@ -21,7 +23,7 @@ default_cfgs = generate_default_cfgs({
     BACKBONE: dict(
         file=str(BACKBONE_FILE), num_classes=10, input_size=(3, 32, 32), crop_pct=1.0, interpolation="bilinear",
         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), first_conv="patch_embed.proj", classifier="head",
-        license="apache-2.0", origin_url="assets/MODEL_CARD.md",
+        label_names=FASHION, license="apache-2.0", origin_url="assets/MODEL_CARD.md",
     ),
 })
 
