@@ -61,7 +61,7 @@ class AdapterCard:
     method: str
     size: str  # "rank 24" (PSOFT) or "block size 8" (OFTv2)
     adapter_parameters: int
-    module_parameters: dict[str, int]  # train_modules saved with the adapter, e.g. a classifier head
+    module_shapes: dict[str, tuple[int, ...]]  # "head.weight": (8, 128), of the train_modules saved with the adapter
     layer_kinds: Counter
     file_bytes: int
 
@@ -72,21 +72,21 @@ class AdapterCard:
         size = f"rank {config['rank']}" if header["method"] == "psoft" else f"block size {config['block_size']}"
         bases = {f"{layer}.{basis}" for layer in header["layers"] for basis in ("A", "B")} \
             if header["include_bases"] else set()
-        modules = Counter()
-        adapter_parameters = 0
-        for key, tensor in tensors.items():
-            if key.startswith("train_modules."):
-                modules[key.removeprefix("train_modules.").rsplit(".", 1)[0]] += tensor.numel()
-            elif key not in bases:
-                adapter_parameters += tensor.numel()
+        module_shapes = {key.removeprefix("train_modules."): tuple(tensor.shape) for key, tensor in tensors.items()
+                         if key.startswith("train_modules.")}
+        adapter_parameters = sum(tensor.numel() for key, tensor in tensors.items()
+                                 if not key.startswith("train_modules.") and key not in bases)
         # "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q" -> "attn1.to_q": the kind of layer
         kinds = Counter(re.split(r"\.\d+\.", layer)[-1] for layer in header["layers"])
-        return cls(Path(path), header["method"], size, adapter_parameters, dict(modules), kinds,
+        return cls(Path(path), header["method"], size, adapter_parameters, module_shapes, kinds,
                    Path(path).stat().st_size)
 
     def markdown(self) -> str:
         method = {"psoft": "PSOFT", "oft": "OFTv2"}.get(self.method, self.method)
-        modules = "".join(f" + {n:,} in `{name}`" for name, n in self.module_parameters.items())
+        per_module = Counter()
+        for key, shape in self.module_shapes.items():
+            per_module[key.rsplit(".", 1)[0]] += math.prod(shape)
+        modules = "".join(f" + {n:,} in `{name}`" for name, n in per_module.items())
         targets = ", ".join(f"`{kind}` x{n}" for kind, n in sorted(self.layer_kinds.items()))
         return "\n".join([
             f"| adapter file | `{self.path.name}` |", "|---|---|",
@@ -114,7 +114,7 @@ class AdapterSlot:
         self._loads = 0
 
     def load(self, path, attach) -> str:
-        """``attach(name)`` loads the file under ``name`` and returns the model it is on; returns the panel's
+        """``attach(name, card)`` loads the file under ``name`` and returns the model it is on; returns the panel's
         markdown, or the reason the file did not load."""
         if not path:
             return self.markdown()
@@ -123,7 +123,7 @@ class AdapterSlot:
             self._loads += 1
             name = f"adapter{self._loads}"
             with self.lock:
-                model = attach(name)
+                model = attach(name, card)
                 if self.name is not None and model is self.model:
                     pv.remove(model, self.name)
                 self.model, self.card, self.name = model, card, name
@@ -168,7 +168,7 @@ class Generation:
         return cls(pipe)
 
     def load_adapter(self, path) -> str:
-        def attach(name):
+        def attach(name, card):
             load_adapter_into_pipeline(self.pipe, path, name=name)
             return self.adapter.model
 
@@ -258,13 +258,12 @@ class Classification:
         """The adapter goes on a fresh copy of the base, with a new head when the file carries one of another size."""
         previous = self.adapter.model
 
-        def attach(name):
-            _, tensors = pv.read_adapter(path)
+        def attach(name, card):
             model = copy.deepcopy(self.base)
             head = model.pretrained_cfg.get("classifier")
-            head_weight = tensors.get(f"train_modules.{head}.weight") if isinstance(head, str) else None
-            if head_weight is not None and head_weight.shape[0] != model.num_classes:
-                model.reset_classifier(head_weight.shape[0])
+            head_shape = card.module_shapes.get(f"{head}.weight") if isinstance(head, str) else None
+            if head_shape is not None and head_shape[0] != model.num_classes:
+                model.reset_classifier(head_shape[0])
             pv.load_adapter(model, path, name=name)
             return model.eval()
 
@@ -375,7 +374,7 @@ def _generate_tab(generation: Generation, default_prompt: str):
             export = gr.Button("Export LoRA at this strength", elem_id="export")
             lora = gr.File(label="LoRA file for diffusers' load_lora_weights", interactive=False, height=90,
                            elem_id="lora-file")
-    _adapter_panel(generation.adapter, _user_errors(generation.load_adapter), "generation")
+    _adapter_panel(generation.adapter, generation.load_adapter, "generation")
     inputs = [prompt, seed, steps, guidance, strength]
     button.click(_user_errors(generate), inputs, [base, adapted], api_name="generate")
     prompt.submit(_user_errors(generate), inputs, [base, adapted], api_name=False)
@@ -392,7 +391,7 @@ def _classify_tab(classification: Classification, examples: list[Path]):
             button = gr.Button("Classify", variant="primary", elem_id="classify")
         base = gr.Label(num_top_classes=TOP_K, label="Base classifier (pretrained head)", elem_id="base-top5")
         adapted = gr.Label(num_top_classes=TOP_K, label="Adapted classifier", elem_id="adapted-top5")
-    _adapter_panel(classification.adapter, _user_errors(classification.load_adapter), "classifier")
+    _adapter_panel(classification.adapter, classification.load_adapter, "classifier")
     button.click(_user_errors(classification.classify), image, [base, adapted], api_name="classify")
 
 

@@ -19,6 +19,14 @@ def randomize_adapters(model: torch.nn.Module, seed: int = 0, std: float = 0.05)
                     p.copy_(noise if name == "q" else 1 + noise)
 
 
+@torch.no_grad()
+def unet_out(unet: torch.nn.Module) -> torch.Tensor:
+    """The noise prediction of a tiny-t2i UNet (train/pretrain_t2i.py) on fixed random inputs."""
+    gen = torch.Generator().manual_seed(1)
+    return unet(torch.randn(2, 4, 16, 16, generator=gen), torch.tensor([10, 700]),
+                torch.randn(2, 16, 64, generator=gen)).sample
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_adapters, rel_err
+from conftest import randomize_adapters, rel_err, unet_out
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -37,13 +37,9 @@ CROPS = TASKS["photo-crops"].classes
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def default_models():
-    return app.load_models(app.build_parser().parse_args([]))
-
-
 @pytest.fixture(scope="module")
 def models():
-    return default_models()
+    return app.load_models(app.build_parser().parse_args([]))
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +54,6 @@ def classification(models):
 
 def pixels(image) -> np.ndarray:
     return np.asarray(Image.open(image) if isinstance(image, str | Path) else image, dtype=np.float64)
-
-
-def unet_out(unet) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        return unet(torch.randn(2, 4, 16, 16, generator=gen), torch.tensor([10, 700]),
-                    encoder_hidden_states=torch.randn(2, 5, 64, generator=gen)).sample
 
 
 def bad_files(tmp: Path) -> dict[str, tuple[Path, str]]:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import rel_err, unet_out
 from PIL import Image
 from safetensors import safe_open
 
@@ -61,13 +61,6 @@ def load(pipe_dir):
     return dreambooth.load_pipeline(pipe_dir, torch.device("cpu"))
 
 
-@torch.no_grad()
-def unet_out(pipe) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(1)
-    return pipe.unet(torch.randn(2, 4, 16, 16, generator=gen), torch.tensor([10, 700]),
-                     torch.randn(2, 16, 64, generator=gen)).sample
-
-
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -96,15 +89,15 @@ def test_two_step_run_writes_adapter_lora_grids_class_images_and_metrics(two_ste
 
 def test_exported_lora_loads_with_diffusers_and_matches_the_adapter(two_steps, pipe_dir):
     _, out, _ = two_steps
-    base = unet_out(load(pipe_dir))
+    base = unet_out(load(pipe_dir).unet)
     ours = load_adapter_into_pipeline(load(pipe_dir), out / "adapter.safetensors")
-    expected = unet_out(ours)
+    expected = unet_out(ours.unet)
     assert rel_err(expected, base) > 1e-5  # two steps moved the model, or matching proves nothing
     fresh = load(pipe_dir)
     fresh.load_lora_weights(out / "lora", weight_name="pytorch_lora_weights.safetensors")
-    assert rel_err(unet_out(fresh), expected) <= TOL
+    assert rel_err(unet_out(fresh.unet), expected) <= TOL
     pv.merge(ours.unet)
-    assert rel_err(unet_out(ours), expected) <= TOL
+    assert rel_err(unet_out(ours.unet), expected) <= TOL
 
 
 def test_resume_continues_exactly_as_an_uninterrupted_run(pipe_dir, subject_dir, class_dir, tmp_path):
@@ -199,9 +192,9 @@ def test_peft_lora_method_saves_a_lora_diffusers_loads_and_only_missing_class_im
     layers = select(load(pipe_dir).unet, PRESETS["unet"])
     assert len(keys) == 2 * len(layers) and all(k.startswith("unet.") for k in keys)
     pipe = load(pipe_dir)
-    base = unet_out(pipe)
+    base = unet_out(pipe.unet)
     pipe.load_lora_weights(tmp_path / "lora")
-    assert rel_err(unet_out(pipe), base) > 0
+    assert rel_err(unet_out(pipe.unet), base) > 0
 
 
 def test_bad_input_raises_named_errors(pipe_dir, subject_dir, class_dir, tmp_path):
