@@ -140,7 +140,7 @@ def train_vae(vae, fashion: torch.Tensor, steps: int, batch: int, lr: float, gen
         x = torch.cat([fashion[torch.randint(len(fashion), (half,), generator=gen)],
                        photos[torch.randint(len(photos), (batch - half,), generator=gen)]])
         flip = torch.rand(len(x), generator=gen) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x).to(vae.device)
         posterior = vae.encode(x).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         loss = F.l1_loss(reconstruction, x) + 0.5 * F.mse_loss(reconstruction, x) + 1e-6 * posterior.kl().mean()
@@ -159,20 +159,28 @@ def encode_all(vae, images: torch.Tensor, batch: int = 1000) -> torch.Tensor:
 
 
 def train_unet(pipe, latents: torch.Tensor, labels: torch.Tensor, steps: int, batch: int, lr: float,
-               gen: torch.Generator, deadline: float | None) -> tuple[int, float]:
+               gen: torch.Generator, deadline: float | None, ema_decay: float | None = None,
+               warmup: int = 200) -> tuple[int, float]:
+    """Train ``pipe.unet`` with the epsilon objective; with ``ema_decay`` its weights end as their exponential
+    moving average (the usual trick for diffusion models: the average samples better than the last step).
+    Random numbers come from the CPU generator ``gen`` on every device, so a run is the same on CPU and GPU
+    up to the device's arithmetic."""
     from diffusers import DDPMScheduler
 
+    device = latents.device
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     with torch.no_grad():
         prompts = [caption(i) for i in range(len(CLASSES))] + [""]
         ids = pipe.tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True,
-                             return_tensors="pt").input_ids
+                             return_tensors="pt").input_ids.to(device)
         embeddings = pipe.text_encoder(ids)[0]  # (11, L, 64): the frozen encoder runs once
     unet = pipe.unet.train()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
+    averaged = torch.optim.swa_utils.AveragedModel(
+        unet, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema_decay)) if ema_decay else None
     # With a deadline, the step count is fixed after PROBE steps from their speed; the schedule of those first
     # steps is warm-up only, so `--unet-steps <the count>` without a deadline reproduces the run exactly.
-    total, warmup, probe = [steps], 200, 30
+    total, probe = [steps], 30
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(total[0], warmup)(s))
     bar = tqdm(range(steps), desc="unet")
     ema, done, probe_start = None, 0, time.time()
@@ -184,10 +192,10 @@ def train_unet(pipe, latents: torch.Tensor, labels: torch.Tensor, steps: int, ba
         if step == total[0]:
             break
         index = torch.randint(len(latents), (batch,), generator=gen)
-        x0 = latents[index]
-        condition = torch.where(torch.rand(batch, generator=gen) < 0.1, len(CLASSES), labels[index])
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(noise_scheduler.config.num_train_timesteps, (batch,), generator=gen)
+        x0 = latents[index.to(device)]
+        condition = torch.where(torch.rand(batch, generator=gen) < 0.1, len(CLASSES), labels[index]).to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.randint(noise_scheduler.config.num_train_timesteps, (batch,), generator=gen).to(device)
         prediction = unet(noise_scheduler.add_noise(x0, noise, t), t, embeddings[condition]).sample
         loss = F.mse_loss(prediction, noise)
         optimizer.zero_grad(set_to_none=True)
@@ -195,9 +203,16 @@ def train_unet(pipe, latents: torch.Tensor, labels: torch.Tensor, steps: int, ba
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{ema:.4f}")
+        if averaged is not None:
+            averaged.update_parameters(unet)
+        if step % 10 == 0 or step + 1 == total[0]:  # reading the loss waits for the device: not every step
+            ema = loss.item() if ema is None else 0.8 * ema + 0.2 * loss.item()
+            bar.set_postfix(loss=f"{ema:.4f}")
         done = step + 1
+    if averaged is not None:
+        with torch.no_grad():
+            for p, p_average in zip(unet.parameters(), averaged.module.parameters(), strict=True):
+                p.copy_(p_average)
     unet.eval()
     return done, ema
 
@@ -226,6 +241,10 @@ def main(argv=None):
                         "count is printed and saved: pass it as --unet-steps to reproduce the run)")
     parser.add_argument("--train-images", type=int, help="use only the first N training images (smoke tests)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ema-decay", type=float, help="end with the exponential moving average of the UNet's "
+                        "weights, with this decay (0.999 for long runs); off by default")
+    parser.add_argument("--warmup-steps", type=int, default=200, help="UNet learning-rate warm-up steps")
+    parser.add_argument("--device", default="cpu", help="torch device for training and sampling (cpu, cuda)")
     parser.add_argument("--init", type=Path, help="continue from this saved pipeline (with --vae-steps 0: keep its "
                         "VAE and train the UNet further); its training.json goes into the new one's stages")
     parser.add_argument("--output", type=Path, default=PIPELINE_DIR)
@@ -245,6 +264,7 @@ def main(argv=None):
     else:
         pipe = build_pipeline(args.seed)
     pipe.set_progress_bar_config(disable=True)
+    pipe.to(args.device)
     pipe.text_encoder.requires_grad_(False)
     images, labels = fashion_mnist("train")
     if args.train_images:
@@ -253,23 +273,24 @@ def main(argv=None):
     vae_loss = train_vae(pipe.vae, fashion, args.vae_steps, args.batch_size, args.vae_lr, gen) if args.vae_steps \
         else None
     pipe.vae.requires_grad_(False).eval()
-    latents = encode_all(pipe.vae, fashion)
+    latents = encode_all(pipe.vae, fashion.to(args.device))
     if args.vae_steps:
         pipe.vae.register_to_config(scaling_factor=1.0 / latents.std().item())
     scaling = pipe.vae.config.scaling_factor
     latents = latents * scaling
     vae_s = time.time() - start
     steps, unet_loss = train_unet(pipe, latents, torch.from_numpy(labels.astype(np.int64)), args.unet_steps,
-                                  args.batch_size, args.unet_lr, gen, deadline)
+                                  args.batch_size, args.unet_lr, gen, deadline, args.ema_decay, args.warmup_steps)
     pipe.unet.requires_grad_(False)
 
     args.output.mkdir(parents=True, exist_ok=True)
     sample_grid(pipe, args.output / "samples.png", seed=args.seed)
-    pipe.save_pretrained(args.output)  # fp32 throughout: about 5 MB
+    pipe.to("cpu").save_pretrained(args.output)  # fp32 throughout: about 5 MB
     info = dict(seed=args.seed, init=str(args.init) if args.init else None, vae_steps=args.vae_steps,
                 vae_loss=None if vae_loss is None else round(vae_loss, 4), unet_steps=steps,
                 unet_loss_ema=round(unet_loss, 4), batch_size=args.batch_size, scaling_factor=scaling,
                 train_images=len(images), vae_seconds=round(vae_s), seconds=round(time.time() - start),
+                unet_lr=args.unet_lr, warmup_steps=args.warmup_steps, ema_decay=args.ema_decay, device=args.device,
                 torch=torch.__version__, stages=stages)
     (args.output / "training.json").write_text(json.dumps(info, indent=1) + "\n")
     print(json.dumps(info))
