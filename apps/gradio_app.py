@@ -4,8 +4,8 @@
     python -m apps.gradio_app --pipeline ./sd15 --adapter subject.safetensors \\
         --classifier-model vit_base_patch16_224.augreg_in21k --classifier-adapter cifar100.safetensors
 
-"Generate" samples one seed twice, with the adapter off and on at the chosen strength (``set_scale``), and exports the
-adapter as a LoRA file that diffusers' ``load_lora_weights`` reads. "Classify" shows the top-5 of the pretrained
+"Generate" samples one seed twice, with the adapter off and on at the chosen strength (``set_strength``), and exports
+the adapter as a LoRA file that diffusers' ``load_lora_weights`` reads. "Classify" shows the top-5 of the pretrained
 classifier and of the adapted one. Each tab has an adapter panel (method, rank, parameters, targets, file size) and
 takes another adapter file; a file that does not load is reported in the panel and the previous adapter stays.
 
@@ -59,7 +59,7 @@ class AdapterCard:
 
     path: Path
     method: str
-    size: str  # "rank 24" (PSOFT) or "block size 8" (OFTv2)
+    title: str  # "PSOFT, rank 24": the method and its size setting
     adapter_parameters: int
     module_shapes: dict[str, tuple[int, ...]]  # "head.weight": (8, 128), of the train_modules saved with the adapter
     layer_kinds: Counter
@@ -68,8 +68,7 @@ class AdapterCard:
     @classmethod
     def read(cls, path: str | os.PathLike) -> "AdapterCard":
         header, tensors = pv.read_adapter(path)
-        config = header["config"]
-        size = f"rank {config['rank']}" if header["method"] == "psoft" else f"block size {config['block_size']}"
+        title = pv.get_method(header["method"]).describe_config(header["config"])
         bases = {f"{layer}.{basis}" for layer in header["layers"] for basis in ("A", "B")} \
             if header["include_bases"] else set()
         module_shapes = {key.removeprefix("train_modules."): tuple(tensor.shape) for key, tensor in tensors.items()
@@ -78,11 +77,10 @@ class AdapterCard:
                                  if not key.startswith("train_modules.") and key not in bases)
         # "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q" -> "attn1.to_q": the kind of layer
         kinds = Counter(re.split(r"\.\d+\.", layer)[-1] for layer in header["layers"])
-        return cls(Path(path), header["method"], size, adapter_parameters, module_shapes, kinds,
+        return cls(Path(path), header["method"], title, adapter_parameters, module_shapes, kinds,
                    Path(path).stat().st_size)
 
     def markdown(self) -> str:
-        method = {"psoft": "PSOFT", "oft": "OFTv2"}.get(self.method, self.method)
         per_module = Counter()
         for key, shape in self.module_shapes.items():
             per_module[key.rsplit(".", 1)[0]] += math.prod(shape)
@@ -90,7 +88,7 @@ class AdapterCard:
         targets = ", ".join(f"`{kind}` x{n}" for kind, n in sorted(self.layer_kinds.items()))
         return "\n".join([
             f"| adapter file | `{self.path.name}` |", "|---|---|",
-            f"| method | {method}, {self.size} |",
+            f"| method | {self.title} |",
             f"| trainable parameters | {self.adapter_parameters:,}{modules} |",
             f"| targets | {sum(self.layer_kinds.values())} layers: {targets} |",
             f"| file size | {_file_size(self.file_bytes)} |",
@@ -188,7 +186,7 @@ class Generation:
             base = self._sample(prompt, seed, steps, guidance, pv.disabled(self.adapter.model), on_step, 0, runs)
             if runs == 1:
                 return base, None
-            pv.set_scale(self.adapter.model, strength, self.adapter.name)
+            pv.set_strength(self.adapter.model, strength, self.adapter.name)
             return base, self._sample(prompt, seed, steps, guidance, nullcontext(), on_step, steps, runs)
 
     def _sample(self, prompt, seed, steps, guidance, context, on_step, offset, runs) -> Image.Image:
@@ -211,9 +209,9 @@ class Generation:
         card = self.adapter.card
         path = self.export_dir / f"{card.path.stem}-lora-strength{strength:g}.safetensors"
         with self.adapter.lock:
-            pv.set_scale(self.adapter.model, strength, self.adapter.name)
+            pv.set_strength(self.adapter.model, strength, self.adapter.name)
             return pv.export_lora(self.adapter.model, path, format="diffusers", name=self.adapter.name,
-                                  full_deltas=card.method == "oft")
+                                  full_deltas=not pv.get_method(card.method).low_rank)
 
 
 # --------------------------------------------------------------------------------------------- classification

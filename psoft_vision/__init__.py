@@ -1,7 +1,9 @@
 """psoft_vision: PSOFT and OFTv2 orthogonal fine-tuning for timm and diffusers models."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
+from .adapter import Adapter
+from .config import AdapterConfig
 from .errors import (
     AdapterFileError,
     AdapterNameError,
@@ -20,13 +22,16 @@ from .export import export_lora
 from .inject import inject, trainable_summary
 from .io import load_adapter, read_adapter, save_adapter
 from .layer import AdaptedLayer
-from .lifecycle import activate, adapted_layers, adapter_names, disabled, merge, remove, set_scale, unmerge
+from .lifecycle import activate, adapted_layers, adapter_names, disabled, merge, remove, set_strength, unmerge
 from .methods import OFTConfig, PSOFTConfig
+from .registry import Method, get_method, register_method, registered_methods, unregister_method
 from .targets import PRESETS
 
 __all__ = [
     "PRESETS",
     "AdaptedLayer",
+    "Adapter",
+    "AdapterConfig",
     "AdapterFileError",
     "AdapterNameError",
     "AdapterVersionError",
@@ -35,6 +40,7 @@ __all__ = [
     "ConfigError",
     "KeyMismatchError",
     "LoRAExportError",
+    "Method",
     "NotLowRankError",
     "OFTConfig",
     "PSOFTConfig",
@@ -46,13 +52,17 @@ __all__ = [
     "adapter_names",
     "disabled",
     "export_lora",
+    "get_method",
     "inject",
     "load_adapter",
     "merge",
     "read_adapter",
+    "register_method",
+    "registered_methods",
     "remove",
     "save_adapter",
-    "set_scale",
+    "set_strength",
     "trainable_summary",
     "unmerge",
+    "unregister_method",
 ]

@@ -17,7 +17,7 @@ for OFT. Both formats support it.
 An export holds one adapter's own update, relative to the pretrained weight, whatever else is on the model:
 stacked adapters compose (``T_2(T_1(W))``), so a LoRA of one of them alone does not reproduce the stack, and
 exporting warns when other adapters are active on the same layers. Merge state does not matter: the update is
-computed from the adapter, not read from the weight. The adapter's strength (``set_scale``) is baked in.
+computed from the adapter, not read from the weight. The adapter's strength (``set_strength``) is baked in.
 """
 
 import json
@@ -33,7 +33,7 @@ from torch import nn
 
 from .diffusers import denoiser
 from .errors import ConfigError, LoRAExportError, NotLowRankError
-from .io import atomic_write
+from .files import atomic_write
 from .layer import AdaptedLayer
 from .lifecycle import adapted_layers, one_adapter_name
 from .targets import candidate_modules
@@ -79,13 +79,14 @@ def lora_weights(model: nn.Module, name: str | None = None, full_deltas: bool = 
                     "diffusers build for a Conv2d have no dilation, so no LoRA file can reproduce it. Inject with "
                     "this layer in `exclude`, or share the psoft_vision adapter file (save_adapter) instead."
                 )
+            low_rank = None if full_deltas else adapter.lora_factors()
             if full_deltas:
                 up, down = _identity_factors(_full_delta(layer, adapter))
-            elif hasattr(adapter, "lora_factors"):
-                up, down = adapter.lora_factors()
+            elif low_rank is not None:
+                up, down = low_rank
             else:
                 raise NotLowRankError(
-                    f"adapter {name!r} is {getattr(adapter, 'method', type(adapter).__name__)!r}: its update "
+                    f"adapter {name!r} is {adapter.method!r}: its update "
                     f"W R - W (on {layer_name!r} and every other layer) is not low rank, so no small LoRA holds it. "
                     "Pass full_deltas=True to export the exact update as a LoRA of rank min(out, in) per layer "
                     "(as large as the adapted weights), or share the psoft_vision adapter file (save_adapter)."

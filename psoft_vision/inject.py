@@ -1,23 +1,40 @@
 """Putting adapters into a model, and saying what is trained."""
 
-from collections import Counter
+import warnings
+from collections import Counter, defaultdict
 
 from torch import nn
 
-from .errors import AdapterNameError, TargetNotFoundError
+from .bases import base_of
+from .config import AdapterConfig
+from .errors import AdapterNameError, ConfigError, TargetNotFoundError, UnsupportedLayerError
 from .layer import AdaptedLayer
-from .lifecycle import adapted_layers
-from .methods import AdapterConfig, PSOFTConfig
+from .lifecycle import adapted_layers, adapter_names
+from .registry import method_of
 from .targets import excluder, select
+
+_RESERVED_NAMES = frozenset(dir(nn.ModuleDict()))
+
+
+def check_adapter_name(name) -> None:
+    """A name an adapter can have: a non-empty string, no dots, not an attribute of ``nn.ModuleDict``."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise AdapterNameError(f"adapter name {name!r} must be a non-empty string without dots.")
+    if name in _RESERVED_NAMES:
+        raise AdapterNameError(f"adapter name {name!r} is an attribute of torch.nn.Module and cannot name an adapter; "
+                               "choose another name, e.g. 'style'.")
 
 
 def inject(model: nn.Module, config: AdapterConfig | None = None, name: str = "default") -> nn.Module:
     """Add the adapter ``name`` described by ``config`` (default: ``PSOFTConfig()``) to ``model``, in place.
 
     Every parameter is frozen except the new adapter's and those of ``config.train_modules``. On layers that
-    already carry adapters the new one is stacked on top (outermost) and all of them stay active. Arguments are
-    checked and every adapter is built before the model is touched, so a failure leaves it as it was.
+    already carry adapters the new one is stacked on top (outermost) and all of them stay active; layers with
+    merged adapters stay merged. Arguments are checked and every adapter is built before the model is touched,
+    so a failure leaves it exactly as it was.
     """
+    from .methods import PSOFTConfig
+
     if not isinstance(model, nn.Module):
         raise TypeError(
             f"inject() takes a torch.nn.Module, got {type(model).__name__}; for a diffusers pipeline pass "
@@ -25,28 +42,21 @@ def inject(model: nn.Module, config: AdapterConfig | None = None, name: str = "d
         )
     config = PSOFTConfig() if config is None else config
     if not isinstance(config, AdapterConfig):
-        raise TypeError(f"config must be a PSOFTConfig or an OFTConfig, got {type(config).__name__}.")
-    if not isinstance(name, str) or not name or "." in name:
-        raise AdapterNameError(f"adapter name {name!r} must be a non-empty string without dots.")
+        raise TypeError(f"config must be an AdapterConfig (PSOFTConfig, OFTConfig, ...), got {type(config).__name__}.")
+    method = method_of(config)
+    check_adapter_name(name)
+    if name in adapter_names(model):
+        raise AdapterNameError(f"the model already has an adapter named {name!r}; inject with another name, or "
+                               f"remove it first (psoft_vision.remove(model, {name!r})).")
 
     skip = excluder(model, config.exclude)
     names = [n for n in select(model, config.targets) if not skip(n, model.get_submodule(n))]
     if not names:
         raise TargetNotFoundError(f"exclude={config.exclude!r} removed every target of {config.targets!r}.")
     trained = select(model, list(config.train_modules), "train_modules") if config.train_modules else []
-
-    adapters = {}
-    for layer_name in names:
-        module = model.get_submodule(layer_name)
-        if isinstance(module, AdaptedLayer):
-            if name in module.adapters:
-                raise AdapterNameError(
-                    f"{layer_name!r} already has an adapter named {name!r}; inject with another name."
-                )
-            module.unmerge()  # a new subspace comes from the pretrained weight, not a merged one
-            module = module.base
-        adapters[layer_name] = config.make_adapter(module, layer_name)
-        adapters[layer_name].config = config
+    adapters = {layer_name: _build(model.get_submodule(layer_name), layer_name, method, config)
+                for layer_name in names}
+    _warn_adjusted(adapters)
 
     model.requires_grad_(False)
     for layer_name, adapter in adapters.items():
@@ -58,6 +68,33 @@ def inject(model: nn.Module, config: AdapterConfig | None = None, name: str = "d
     for module_name in trained:
         model.get_submodule(module_name).requires_grad_(True)
     return model
+
+
+def _build(module: nn.Module, layer_name: str, method, config):
+    """The adapter of ``method`` for one layer, built from its pretrained weight (unmerged) without changing it."""
+    if isinstance(module, AdaptedLayer):
+        base = base_of(module.base, layer_name, module.pretrained_weight)
+    else:
+        base = base_of(module, layer_name)
+    if base.kind not in method.layer_kinds:
+        raise UnsupportedLayerError(f"{layer_name!r} is a {base.kind} layer; method {method.name!r} adapts "
+                                    f"{', '.join(method.layer_kinds)} layers. Leave it out of `targets`.")
+    adapter = method.adapter(base, config)
+    if adapter.config is not config:
+        raise ConfigError(f"{type(adapter).__name__} must keep the config it is built from (Adapter.__init__).")
+    return adapter
+
+
+def _warn_adjusted(adapters: dict) -> None:
+    """One warning per setting that some layers could not take, listing what those layers use instead."""
+    changed = defaultdict(list)
+    for layer_name, adapter in adapters.items():
+        for setting, (asked, used, reason) in adapter.adjusted.items():
+            changed[setting, asked, reason].append(f"{used} on {layer_name!r}")
+    for (setting, asked, reason), layers in changed.items():
+        shown = ", ".join(layers[:6]) + (f", ... ({len(layers)} layers)" if len(layers) > 6 else "")
+        warnings.warn(f"{setting} {asked} {reason} {len(layers)} of {len(adapters)} layers; using {setting} "
+                      f"{shown}.", stacklevel=3)
 
 
 def _count(params) -> int:

@@ -25,24 +25,16 @@ from .errors import (
     BaseModelMismatchError,
     KeyMismatchError,
 )
+from .files import atomic_write
 from .inject import inject
-from .lifecycle import _unmerged, adapted_layers, one_adapter_name, remove
-from .methods import OFTConfig, PSOFTConfig
+from .lifecycle import _unmerged, adapted_layers, one_adapter_name, remove, set_strength
+from .registry import get_method
 
 FORMAT = "psoft_vision.adapter"
 FORMAT_VERSION = 1
-CONFIG_CLASSES = {"psoft": PSOFTConfig, "oft": OFTConfig}
 FINGERPRINT_TOLERANCE = 1e-2  # relative to ||W||_F; fp16 rounding moves a sketch by about 1e-3
-
-
-def atomic_write(path: Path, write) -> None:
-    """``write(temporary)`` beside ``path``, then rename over it: ``path`` is never left half written."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+#: Config fields renamed since they were first written to files: old name -> new name.
+RENAMED_FIELDS = {"scale_a": "train_alpha", "scale_b": "train_beta"}
 
 
 def fingerprint(weight: torch.Tensor) -> dict:
@@ -79,12 +71,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
 
     name = one_adapter_name(model, name)
     path = Path(path)
-    tensors, layers, fingerprints, config = {}, {}, {}, None
+    tensors, layers, fingerprints, config, strength = {}, {}, {}, None, 1.0
     for layer_name, layer in adapted_layers(model):
         if name not in layer.adapters:
             continue
         adapter = layer.adapters[name]
-        config = adapter.config
+        config, strength = adapter.config, adapter.strength
         layers[layer_name] = adapter.describe()
         fingerprints[layer_name] = fingerprint(layer.pretrained_weight)
         for key, p in adapter.named_parameters():
@@ -101,6 +93,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         "name": name,
         "config": _config_dict(config),
         "layers": layers,
+        "strength": strength,
         "fingerprints": fingerprints,
         "include_bases": include_bases,
         "package_version": __version__,
@@ -162,22 +155,37 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
                 "load it onto that base model, or pass check_base=False to load anyway."
             )
 
-    config_fields = dict(header["config"])
-    layer_set = set(layers)
-    config_fields["targets"] = lambda n, m: n in layer_set
-    config_fields["exclude"] = None
-    config = CONFIG_CLASSES[header["method"]](**config_fields)
+    config = _config_for_layers(header, path)
     trainable = {p: p.requires_grad for p in model.parameters()}
     with _unmerged(model):  # merged layers stay merged, on success and on failure
         inject(model, config, name=name)
         try:
             _load_tensors(model, name, header, tensors, path)
+            set_strength(model, header.get("strength", 1.0), name)
         except Exception:
             remove(model, name)
             for p, flag in trainable.items():
                 p.requires_grad_(flag)
             raise
     return model
+
+
+def _config_for_layers(header: dict, path) -> object:
+    """The saved config, aimed at exactly the saved layers, each with its saved size (rank, block size)."""
+    try:
+        method = get_method(header["method"])
+    except Exception as error:
+        raise AdapterFileError(f"{str(path)!r} holds a {header.get('method')!r} adapter, a method this psoft_vision "
+                               f"does not know ({error}); register it first, or upgrade psoft_vision.") from None
+    fields = {RENAMED_FIELDS.get(k, k): v for k, v in header["config"].items()}
+    layers = header["layers"]
+    layer_set = set(layers)
+    fields["targets"] = lambda n, m: n in layer_set
+    fields["exclude"] = None
+    pattern = f"{method.size_field}_pattern"
+    if method.size_field and pattern in {f.name for f in dataclasses.fields(method.config)}:
+        fields[pattern] = {n: d[method.size_field] for n, d in layers.items() if method.size_field in d}
+    return method.config(**fields)
 
 
 def _load_tensors(model, name, header, tensors, path) -> None:

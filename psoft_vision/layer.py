@@ -12,50 +12,7 @@ from functools import partial
 import torch
 from torch import nn
 
-SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
-
-
-class Adapter(nn.Module):
-    """Interface of one adapter on one layer (see :mod:`psoft_vision.methods`).
-
-    ``scale`` is the adapter's strength: 0 is the identity exactly, 1 the trained transform, and every value in
-    between keeps the transform orthogonal (the generator Q is scaled, the scaling vectors move toward 1).
-    """
-
-    method: str
-    scale: float = 1.0
-    config = None  # the AdapterConfig it was injected with (set by inject)
-
-    def forward(self, x: torch.Tensor, inner) -> torch.Tensor:
-        """The adapted layer's output: ``inner`` is the layer with the adapters below this one."""
-        raise NotImplementedError
-
-    def merge_into(self, weight: torch.Tensor) -> torch.Tensor:
-        """``T(W)`` for a base weight ``W`` (any dtype; maths in fp32, result in ``W``'s dtype)."""
-        raise NotImplementedError
-
-    def describe(self) -> dict:
-        """What an adapter file records of this adapter on its layer (rank, block size, ...)."""
-        raise NotImplementedError
-
-    def cached(self, compute):
-        """``compute()``, kept between calls while gradients are off and nothing it reads has changed: an eval-mode
-        forward then costs no solve. Parameters' in-place updates, moves and the strength all invalidate it."""
-        if torch.is_grad_enabled():
-            self._cache = None
-            return compute()
-        tensors = [*self.parameters(), *self.buffers()]
-        key = (self.scale, *((t.data_ptr(), t._version) for t in tensors))
-        cache = getattr(self, "_cache", None)
-        if cache is None or cache[0] != key:
-            cache = self._cache = (key, compute())
-        return cache[1]
-
-    def scaled(self, p: torch.Tensor, neutral: float) -> torch.Tensor:
-        """``p`` moved toward ``neutral`` by the strength: ``neutral + scale * (p - neutral)``."""
-        if self.scale == 1.0:
-            return p
-        return neutral + self.scale * (p - neutral)
+from .adapter import Adapter
 
 
 class AdaptedLayer(nn.Module):
@@ -83,7 +40,7 @@ class AdaptedLayer(nn.Module):
         return self.base.weight if self.original_weight is None else self.original_weight
 
     def add(self, name: str, adapter: Adapter) -> None:
-        self.unmerge()
+        """Stack ``adapter`` on top (outermost); the merged adapters, a prefix of the active ones, stay merged."""
         self.adapters[name] = adapter
         self.active.append(name)
 

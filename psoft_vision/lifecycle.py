@@ -79,11 +79,12 @@ def _unmerged(model: nn.Module):
                 layer.merge(upto=layer.active[min(merged[name], len(layer.active)) - 1])
 
 
-def set_scale(model: nn.Module, t: float, name: str | None = None) -> nn.Module:
+def set_strength(model: nn.Module, t: float, name: str | None = None) -> nn.Module:
     """Set the strength of adapter ``name`` (default: all): 0 is the base model exactly, 1 the trained adapter.
 
-    PSOFT scales its generator Q by ``t`` and moves the scaling vectors toward 1; OFT scales Q: in between, each
-    transform stays orthogonal. Merged layers are merged again at the new strength.
+    Each method moves its parameters toward their identity values (PSOFT and OFT scale the generator Q, and PSOFT
+    moves its scaling vectors toward 1), so in between every transform stays orthogonal. Values outside [0, 1]
+    extrapolate. Merged layers are merged again at the new strength. Adapter files record the strength.
     """
     if not isinstance(t, int | float) or isinstance(t, bool) or not math.isfinite(t):
         raise ConfigError(f"strength t={t!r} must be a finite number (0 = base model, 1 = trained adapter).")
@@ -93,7 +94,7 @@ def set_scale(model: nn.Module, t: float, name: str | None = None) -> nn.Module:
         for _, layer in adapted_layers(model):
             for adapter_name, adapter in layer.adapters.items():
                 if name is None or adapter_name == name:
-                    adapter.scale = float(t)
+                    adapter.strength = float(t)
     return model
 
 

@@ -44,6 +44,11 @@ _PRESET_BY_CLASS = {
 }
 
 
+def chosen_by_preset(spec) -> bool:
+    """Whether a target spec lets the library choose the layers (``"auto"`` or a preset name)."""
+    return isinstance(spec, str) and (spec == "auto" or spec in PRESETS)
+
+
 def auto_preset(model: nn.Module) -> str:
     """The preset ``targets="auto"`` uses for this model."""
     for cls in type(model).__mro__:

@@ -128,7 +128,7 @@ def test_exported_lora_reproduces_the_adapter_at_the_chosen_strength_in_diffuser
     assert path.name == f"{adapter.stem}-lora-strength0.5.safetensors"
     with safe_open(path, "pt") as f:
         assert all(".lora_A." in k or ".lora_B." in k for k in f.keys())
-    pv.set_scale(generation.adapter.model, 0.5)
+    pv.set_strength(generation.adapter.model, 0.5)
     adapted = unet_out(generation.adapter.model)
     plain = diffusers.StableDiffusionPipeline.from_pretrained(app.DEFAULT_PIPELINE, dtype=torch.float32)
     base = unet_out(plain.unet)

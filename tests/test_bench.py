@@ -4,7 +4,7 @@ import csv
 import json
 import re
 
-from psoft_vision import bench
+import bench
 
 
 def test_bench_runs_each_configuration_and_writes_its_reports(tmp_path, capsys):

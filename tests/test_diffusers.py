@@ -11,6 +11,7 @@ from conftest import randomize_adapters, rel_err
 from torch import nn
 
 import psoft_vision as pv
+from psoft_vision.methods import principal_subspace
 
 TOL = 1e-5  # relative error allowed between two fp32 forwards that must agree
 CHANGED = 1e-3  # randomized adapters must move the output at least this much, or merged == unmerged proves nothing
@@ -372,7 +373,7 @@ def test_stacked_psoft_then_oft_merges_in_forward_order():
     assert rel_err(run(swapped, inputs), other) <= TOL
 
 
-def test_inject_on_a_merged_model_builds_from_and_restores_the_pretrained_weight():
+def test_inject_on_a_merged_model_keeps_it_merged_and_builds_from_the_pretrained_weight():
     unet = tiny_unet()
     inputs = unet_inputs()
     pristine = {name: p.detach().clone() for name, p in unet.named_parameters()}
@@ -381,13 +382,20 @@ def test_inject_on_a_merged_model_builds_from_and_restores_the_pretrained_weight
     randomize_adapters(unet, seed=4)
     psoft_only = run(unet, inputs)
     pv.merge(unet)
+    merged = {name: layer.base.weight.detach().clone() for name, layer in pv.adapted_layers(unet)}
 
-    pv.inject(unet, pv.OFTConfig(block_size=8, targets="unet+conv"), name="o")  # unmerges "p" first
+    pv.inject(unet, pv.OFTConfig(block_size=8, targets="unet+conv"), name="o")  # "p" stays merged
+    pv.inject(unet, pv.PSOFTConfig(rank=4, targets="unet+conv"), name="q")
     for name, layer in pv.adapted_layers(unet):
-        assert layer.merged == [] and layer.active == ["p", "o"], name
+        assert layer.merged == ["p"] and layer.active == ["p", "o", "q"], name
+        assert torch.equal(layer.base.weight, merged[name]), name
         original = pristine[f"{name}.weight"]
-        assert (layer.base.weight - original).abs().max() <= TOL * original.abs().max(), name
-    assert rel_err(run(unet, inputs), psoft_only) <= TOL  # "o" is the identity at init
+        assert torch.equal(layer.pretrained_weight, original), name
+        a, _ = principal_subspace(original.flatten(1), layer.adapters["q"].rank)  # "q"'s subspace: the pretrained W
+        assert torch.equal(layer.adapters["q"].A.flatten(1), a), name
+    assert rel_err(run(unet, inputs), psoft_only) <= TOL  # "o" and "q" are the identity at init
+    pv.unmerge(unet)
+    assert all(torch.equal(layer.base.weight, pristine[f"{n}.weight"]) for n, layer in pv.adapted_layers(unet))
 
     trainable = {name.split(".adapters.", 1)[1] for name, p in unet.named_parameters() if p.requires_grad}
-    assert trainable == {"o.q"}  # inject freezes everything but the new adapter
+    assert trainable == {"q.q", "q.alpha", "q.beta"}  # inject freezes everything but the new adapter

@@ -22,7 +22,7 @@ from psoft_vision.diffusers import denoiser, load_adapter_into_pipeline
 from psoft_vision.errors import AdapterNameError, ConfigError, LoRAExportError, NotLowRankError
 from psoft_vision.export import export_lora, lora_weights
 from psoft_vision.inject import inject
-from psoft_vision.lifecycle import activate, adapted_layers, merge, set_scale
+from psoft_vision.lifecycle import activate, adapted_layers, merge, set_strength
 from psoft_vision.methods import OFTConfig, PSOFTConfig
 from psoft_vision.targets import PRESETS
 
@@ -168,7 +168,7 @@ def test_diffusers_lora_reproduces_psoft_unet_with_convs_and_mixed_ranks(sd_dir,
 def test_diffusers_lora_of_a_merged_scaled_adapter_into_a_directory(sd_dir, tmp_path):
     pipe = load_sd(sd_dir)
     adapt(pipe.unet, PSOFTConfig(targets="unet", rank=4, split_qkv=True))
-    set_scale(pipe.unet, 0.5)
+    set_strength(pipe.unet, 0.5)
     merge(pipe.unet)
     expected = unet_out(pipe)
     file = export_lora(pipe, tmp_path)  # the pipeline itself; a directory gets the default weight name

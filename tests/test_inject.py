@@ -1,6 +1,8 @@
 """Injection into timm models: presets, target specs, freezing, several adapters, errors, summary."""
 
+import copy
 import re
+import warnings
 
 import pytest
 import timm
@@ -9,6 +11,7 @@ from conftest import randomize_adapters, rel_err
 from torch import nn
 
 import psoft_vision as pv
+from psoft_vision.methods.oft import nearest_block_size
 
 BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 TIMM_MODELS = {
@@ -147,13 +150,50 @@ def test_unknown_targets_name_the_closest_modules():
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_failure_part_way_leaves_the_model_untouched():
+def _layer_states(model: nn.Module) -> dict:
+    return {name: (type(module).__name__, list(getattr(module, "active", [])), list(getattr(module, "merged", [])))
+            for name, module in model.named_modules()}
+
+
+def test_inject_failing_on_the_fifth_layer_changes_nothing():
+    """Adapters are built for every layer before the model is touched: a failure on the fifth of 24 targets
+    leaves state dict, module types, merge states and requires_grad flags exactly as they were."""
     model, x = timm_model("test_vit")
+    pv.inject(model, pv.PSOFTConfig(rank=4, targets=["blocks.0.attn.qkv", "blocks.0.mlp.fc1"]), name="first")
+    randomize_adapters(model, std=0.2)
+    pv.merge(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    layers, flags = _layer_states(model), {n: p.requires_grad for n, p in model.named_parameters()}
     expected = model(x)
-    with pytest.raises(pv.BlockSizeError):  # blocks' fc2 has 256 inputs, qkv 64: 48 divides neither
-        pv.inject(model, pv.OFTConfig(block_size=48))
-    assert not list(pv.adapted_layers(model))
+    targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | pv.AdaptedLayer) and ".blocks." in
+               f".{n}" and n.endswith(BLOCK_LINEARS)]
+    assert len(targets) >= 12
+    fifth = targets[4]  # blocks.1.attn.qkv: 64 inputs, which 48 does not divide
+    with pytest.raises(pv.BlockSizeError, match=re.escape(repr(fifth))):
+        pv.inject(model, pv.OFTConfig(block_size=16, targets=targets, block_size_pattern={fifth: 48}))
+    assert _layer_states(model) == layers
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
     assert torch.equal(model(x), expected)
+
+
+def test_auto_block_size_takes_the_nearest_divisor_with_one_warning(tmp_path):
+    model, _ = timm_model("test_vit")  # qkv, proj and fc1 read 64 features, which 48 does not divide; fc2 reads 192
+    fresh = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match=r"block_size 48 does not divide the input width of \d+ of \d+ layers") as w:
+        pv.inject(model, pv.OFTConfig(block_size=48))
+    assert len(w) == 1
+    sizes = {n: layer.adapters["default"].block_size for n, layer in pv.adapted_layers(model)}
+    # 32 and 64 are both 16 away from 48: the smaller wins the tie
+    assert sizes["blocks.0.attn.qkv"] == 32 and sizes["blocks.0.mlp.fc2"] == 48
+    assert pv.read_adapter(pv.save_adapter(model, tmp_path / "a.safetensors"))[0]["layers"]["blocks.0.attn.qkv"][
+        "block_size"] == 32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: each layer's size is saved in the file
+        restored = pv.load_adapter(fresh, tmp_path / "a.safetensors")
+    assert {n: layer.adapters["default"].block_size for n, layer in pv.adapted_layers(restored)} == sizes
+    assert nearest_block_size(100, 32) == 25 and nearest_block_size(96, 32) == 32 and nearest_block_size(7, 4) == 7
 
 
 def test_auto_needs_a_known_model_and_a_module():

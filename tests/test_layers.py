@@ -68,7 +68,7 @@ def test_merged_equals_unmerged_and_unmerge_restores(method, name, neumann_terms
 @pytest.mark.parametrize("name", ["linear", "conv3x3", "patch_embed_16x16"])
 def test_psoft_without_scalings_keeps_pretrained_geometry(name):
     """W' W'^T = W W^T and the singular values are unchanged (SPEC 1.6); the scalings relax it on purpose."""
-    model, _, _, reference = build("psoft", name, scale_a=False, scale_b=False)
+    model, _, _, reference = build("psoft", name, train_alpha=False, train_beta=False)
     randomize_adapters(model, std=0.3)
     w = reference[0].flatten(1).double()
     pv.merge(model)
@@ -93,7 +93,7 @@ def test_parameter_counts_and_requires_grad():
     pv.inject(big, pv.PSOFTConfig(rank=46, targets=["layer"]))
     assert sum(p.numel() for p in big.parameters() if p.requires_grad) == 1127
     no_scales = Holder(nn.Linear(64, 64))
-    pv.inject(no_scales, pv.PSOFTConfig(rank=8, targets=["layer"], scale_a=False, scale_b=False))
+    pv.inject(no_scales, pv.PSOFTConfig(rank=8, targets=["layer"], train_alpha=False, train_beta=False))
     assert sum(p.numel() for p in no_scales.parameters() if p.requires_grad) == 28
 
     oft, *_ = build("oft", "linear")  # 64 inputs, block 16

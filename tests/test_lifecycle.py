@@ -65,28 +65,28 @@ def test_strength_zero_is_the_base_model_exactly_and_one_the_adapter(config, x):
     pv.inject(model, config)
     randomize_adapters(model)
     adapted = model(x)
-    pv.set_scale(model, 0.0)
+    pv.set_strength(model, 0.0)
     assert torch.equal(model(x), base)
-    pv.set_scale(model, 0.5)
+    pv.set_strength(model, 0.5)
     half = model(x)
     assert rel_err(half, base) > 1e-4 and rel_err(half, adapted) > 1e-4
     pv.merge(model)
     assert rel_err(model(x), half) <= 1e-5
-    pv.set_scale(model, 1.0)  # merged layers are merged again at the new strength
+    pv.set_strength(model, 1.0)  # merged layers are merged again at the new strength
     assert model.blocks[0].attn.qkv.merged == ["default"]
     assert rel_err(model(x), adapted) <= 1e-5
     with pytest.raises(pv.ConfigError, match="t=nan"):
-        pv.set_scale(model, float("nan"))
+        pv.set_strength(model, float("nan"))
 
 
 @torch.no_grad()
 def test_intermediate_strength_stays_orthogonal():
     model = vit()
-    pv.inject(model, pv.PSOFTConfig(rank=8, scale_a=False, scale_b=False))
+    pv.inject(model, pv.PSOFTConfig(rank=8, train_alpha=False, train_beta=False))
     randomize_adapters(model, std=0.3)
     layer = model.blocks[0].mlp.fc1
     w = layer.base.weight.double().clone()
-    pv.set_scale(model, 0.37)
+    pv.set_strength(model, 0.37)
     pv.merge(model)
     merged = layer.base.weight.double()
     assert rel_err(merged, w) > 1e-3
@@ -153,9 +153,9 @@ def test_eval_cache_follows_parameter_updates_and_strength(x):
     randomize_adapters(model)  # in-place updates, as an optimiser makes them
     adapted = model(x)
     assert rel_err(adapted, base) > 1e-3
-    pv.set_scale(model, 0.0)
+    pv.set_strength(model, 0.0)
     assert torch.equal(model(x), base)
-    pv.set_scale(model, 1.0)
+    pv.set_strength(model, 1.0)
     assert torch.equal(model(x), adapted)
     with torch.enable_grad():
         assert adapter.up_weight() is not adapter.up_weight()  # never cached while training

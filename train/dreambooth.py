@@ -145,7 +145,7 @@ def save_png(array: np.ndarray, path: Path) -> None:
     """An (H, W, 3) array in [0, 1] written atomically as PNG."""
     from PIL import Image
 
-    from psoft_vision.io import atomic_write
+    from psoft_vision.files import atomic_write
 
     image = Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
@@ -348,8 +348,8 @@ def run(args: argparse.Namespace) -> dict:
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
-    from psoft_vision.bench import peak_memory_mib, reset_peak_memory
     from psoft_vision.diffusers import denoiser as find_denoiser
+    from psoft_vision.memory import peak_memory_mib, reset_peak_memory
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu)
     if args.quiet:
@@ -460,7 +460,7 @@ def run(args: argparse.Namespace) -> dict:
         args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     )
     if accelerator.is_main_process:
-        from psoft_vision.io import atomic_write
+        from psoft_vision.files import atomic_write
 
         metrics.update(save_outputs(pipe, accelerator.unwrap_model(model), args))
         text = json.dumps(dict(metrics, history=state["history"]), indent=1)

@@ -240,7 +240,7 @@ def _find_checkpoint(output_dir: Path) -> Path | None:
 
 def _save_result(model, method: str, head: str, output_dir: Path) -> Path:
     import psoft_vision as pv
-    from psoft_vision.io import atomic_write
+    from psoft_vision.files import atomic_write
 
     if method in OURS:
         return pv.save_adapter(model, output_dir / "adapter.safetensors")
@@ -282,7 +282,7 @@ def run(args: argparse.Namespace) -> dict:
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from tqdm.auto import tqdm
 
-    from psoft_vision.bench import peak_memory_mib, reset_peak_memory
+    from psoft_vision.memory import peak_memory_mib, reset_peak_memory
 
     from .vtab_data import Preprocess
 

@@ -5,38 +5,70 @@ block-diagonal over the input features (Linear) or input channels (Conv2d, the s
 which merges exactly per kernel tap). ``R W`` is never formed during training.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import BlockSizeError, ConfigError
-from ..layer import Adapter
+from ..adapter import Adapter
+from ..bases import Base
+from ..config import AdapterConfig, check_int, check_neumann_terms, check_pattern, pattern_match
+from ..errors import BlockSizeError
 from ..orthogonal import orthogonal_from_packed, packed_size
-from .common import AdapterConfig, check_neumann_terms, conv_geometry
+from ..registry import Method
+from ..targets import chosen_by_preset
 
 
 @dataclass(kw_only=True)
 class OFTConfig(AdapterConfig):
     """OFTv2 settings. ``neumann_terms=None`` is the exact Cayley transform; the default 4 keeps
-    ``R^T R - I`` of order ``||Q||^10`` (see :mod:`psoft_vision.orthogonal`). ``dropout`` replaces each block's
-    rotation by the identity with that probability during training."""
+    ``R^T R - I`` of order ``||Q||^10`` (docs/method.md). ``dropout`` replaces each block's rotation by the
+    identity with that probability during training.
+
+    ``block_size`` must divide each layer's input width. Where it does not and the layers were chosen by a preset
+    (``targets="auto"`` or a preset name), the layer gets the nearest size that does, with one warning for all
+    such layers; with targets you chose, it is a :class:`~psoft_vision.errors.BlockSizeError`.
+    ``block_size_pattern`` maps module names (exact or a dotted suffix, longest match wins) to their own block
+    size, which must divide.
+    """
 
     block_size: int = 32
+    block_size_pattern: dict[str, int] = field(default_factory=dict)
     neumann_terms: int | None = 4
 
     method = "oft"
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 2:
-            raise ConfigError(f"block_size={self.block_size!r} must be an integer >= 2 (OFTv2 uses 32).")
+        check_int(self.block_size, "block_size", 2, " (OFTv2 uses 32)")
+        self.block_size_pattern = check_pattern(self.block_size_pattern, "block_size_pattern", 2)
         check_neumann_terms(self.neumann_terms)
 
-    def make_adapter(self, layer: nn.Module, layer_name: str) -> "OFTAdapter":
-        return OFTAdapter(layer, self.block_size, neumann_terms=self.neumann_terms, dropout=self.dropout,
-                          layer_name=layer_name)
+
+def _divisors(width: int) -> list[int]:
+    return [b for b in range(2, width + 1) if width % b == 0]
+
+
+def nearest_block_size(width: int, block_size: int) -> int:
+    """The divisor of ``width`` (at least 2) nearest to ``block_size``; the smaller one on a tie."""
+    return min(_divisors(width), key=lambda b: (abs(b - block_size), b))
+
+
+def _block_size(base: Base, config: OFTConfig) -> tuple[int, int | None]:
+    """``(block size, the size asked for if it was adjusted)`` of this layer."""
+    width = base.in_features
+    explicit = pattern_match(config.block_size_pattern, base.name)
+    size = config.block_size if explicit is None else explicit
+    if width % size == 0:
+        return size, None
+    if explicit is None and chosen_by_preset(config.targets) and width >= 2:
+        return nearest_block_size(width, size), size
+    raise BlockSizeError(
+        f"{base.name!r}: block_size={size} does not divide its input width {width}; valid block sizes are "
+        f"{_divisors(width)}. Set {'block_size_pattern' if explicit is not None else 'OFTConfig(block_size=...)'} "
+        "to one of them, or exclude the layer."
+    )
 
 
 class OFTAdapter(Adapter):
@@ -44,24 +76,19 @@ class OFTAdapter(Adapter):
 
     method = "oft"
 
-    def __init__(self, layer: nn.Module, block_size: int, *, neumann_terms: int | None = 4, dropout: float = 0.0,
-                 layer_name: str = ""):
-        super().__init__()
-        self.conv = conv_geometry(layer, layer_name) is not None
-        width = layer.weight.shape[1]
-        if width % block_size:
-            valid = [b for b in range(2, width + 1) if width % b == 0]
-            raise BlockSizeError(
-                f"{layer_name!r}: block_size={block_size} does not divide its input width {width}; "
-                f"valid block sizes are {valid}. Set OFTConfig(block_size=...) to one of them, or exclude the layer."
-            )
-        self.block_size, self.blocks = block_size, width // block_size
-        self.neumann_terms, self.p = neumann_terms, dropout
-        self.q = nn.Parameter(torch.zeros(self.blocks, packed_size(block_size), device=layer.weight.device))
+    def __init__(self, base: Base, config: OFTConfig):
+        super().__init__(config)
+        self.conv = base.conv
+        block_size, asked = _block_size(base, config)
+        if asked is not None:
+            self.adjusted = {"block_size": (asked, block_size, "does not divide the input width of")}
+        self.block_size, self.blocks = block_size, base.in_features // block_size
+        self.neumann_terms, self.p = config.neumann_terms, config.dropout
+        self.q = nn.Parameter(torch.zeros(self.blocks, packed_size(block_size), device=base.device))
 
     def rotations(self) -> torch.Tensor:
         """The diagonal blocks of R, fp32, shape (blocks, b, b)."""
-        return self.cached(lambda: orthogonal_from_packed(self.scaled(self.q, 0.0), self.block_size,
+        return self.cached(lambda: orthogonal_from_packed(self.at_strength(self.q, 0.0), self.block_size,
                                                           self.neumann_terms))
 
     def forward(self, x: torch.Tensor, inner) -> torch.Tensor:
@@ -70,7 +97,7 @@ class OFTAdapter(Adapter):
             keep = torch.rand(self.blocks, device=r.device) >= self.p
             r = torch.where(keep[:, None, None], r, torch.eye(self.block_size, device=r.device))
         r = r.to(x.dtype)
-        if self.conv:  # the rotation as a grouped 1x1 conv: out channel (k, j) reads in channels (k, i)
+        if self.conv is not None:  # the rotation as a grouped 1x1 conv: out channel (k, j) reads in channels (k, i)
             rotated = F.conv2d(x, r.reshape(-1, self.block_size, 1, 1), groups=self.blocks)
         else:
             rotated = torch.einsum("...ki,kji->...kj", x.unflatten(-1, (self.blocks, self.block_size)), r).flatten(-2)
@@ -85,3 +112,7 @@ class OFTAdapter(Adapter):
 
     def extra_repr(self) -> str:
         return f"block_size={self.block_size}, blocks={self.blocks}, neumann_terms={self.neumann_terms}"
+
+
+METHOD = Method("oft", OFTConfig, OFTAdapter, size_field="block_size", display_name="OFTv2",
+                summary="OFTv2: a block-diagonal rotation of each layer's input (Cayley-Neumann)")

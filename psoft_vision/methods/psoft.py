@@ -11,32 +11,38 @@ an r-wide path that is exactly zero at init (Q = 0, alpha = beta = 1). A Conv2d 
 """
 
 import math
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..adapter import Adapter
+from ..bases import Base
+from ..config import AdapterConfig, check_int, check_neumann_terms, check_pattern, pattern_match
 from ..errors import ConfigError
-from ..layer import Adapter
 from ..orthogonal import orthogonal_from_packed, packed_size
-from .common import AdapterConfig, check_neumann_terms, conv_geometry
+from ..registry import Method
 
 SVD_MODES = ("full", "lowrank")
 
 
 @dataclass(kw_only=True)
 class PSOFTConfig(AdapterConfig):
-    """PSOFT settings. ``neumann_terms=None`` is the exact Cayley transform.
+    """PSOFT settings.
 
-    ``split_qkv=True`` gives q, k and v of a fused ``qkv`` Linear (timm) their own r-dimensional subspaces,
-    as the paper adapted separate projections; it triples that layer's parameters.
+    ``rank`` is r, the dimension of each layer's principal subspace (clamped, with a warning, where a layer allows
+    less); ``rank_pattern`` maps module names (exact or a dotted suffix, the longest match wins) to their own rank.
+    ``train_alpha`` / ``train_beta`` train the input-side / output-side scaling vectors (off: kept at 1, and the
+    transform stays exactly orthogonal). ``neumann_terms=None`` is the exact Cayley transform. ``svd`` is "full"
+    (exact) or "lowrank" (randomised). ``split_qkv=True`` gives q, k and v of a fused ``qkv`` Linear (timm) their
+    own r-dimensional subspaces, as the paper adapted separate projections; it triples that layer's parameters.
     """
 
     rank: int = 46
-    scale_a: bool = True
-    scale_b: bool = True
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    train_alpha: bool = True
+    train_beta: bool = True
     neumann_terms: int | None = None
     svd: str = "full"
     split_qkv: bool = False
@@ -45,25 +51,11 @@ class PSOFTConfig(AdapterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
-            raise ConfigError(f"rank={self.rank!r} must be an integer >= 1 (the paper uses 46 on ViT-B/16).")
+        check_int(self.rank, "rank", 1, " (the paper uses 46 on ViT-B/16)")
+        self.rank_pattern = check_pattern(self.rank_pattern, "rank_pattern", 1)
         if self.svd not in SVD_MODES:
             raise ConfigError(f"svd={self.svd!r} is not one of {SVD_MODES}.")
         check_neumann_terms(self.neumann_terms)
-
-    def make_adapter(self, layer: nn.Module, layer_name: str) -> "PSOFTAdapter":
-        chunks = 3 if self.split_qkv and layer_name.split(".")[-1] == "qkv" else 1
-        return PSOFTAdapter(
-            layer,
-            self.rank,
-            chunks=chunks,
-            scale_a=self.scale_a,
-            scale_b=self.scale_b,
-            neumann_terms=self.neumann_terms,
-            dropout=self.dropout,
-            svd=self.svd,
-            layer_name=layer_name,
-        )
 
 
 def principal_subspace(weight: torch.Tensor, rank: int, svd: str = "full") -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,39 +182,28 @@ def _adapted_kernel(weight, up, kernel):
 
 
 class PSOFTAdapter(Adapter):
-    """PSOFT on one Linear or Conv2d; ``chunks`` > 1 splits the output rows into independent subspaces."""
+    """PSOFT on one Linear or Conv2d; with ``split_qkv`` on a fused qkv the output rows split into three
+    independent subspaces (``chunks``)."""
 
     method = "psoft"
 
-    def __init__(
-        self,
-        layer: nn.Module,
-        rank: int,
-        *,
-        chunks: int = 1,
-        scale_a: bool = True,
-        scale_b: bool = True,
-        neumann_terms: int | None = None,
-        dropout: float = 0.0,
-        svd: str = "full",
-        layer_name: str = "",
-    ):
-        super().__init__()
-        self.conv = conv_geometry(layer, layer_name)
-        weight = layer.weight.detach()
+    def __init__(self, base: Base, config: PSOFTConfig):
+        super().__init__(config)
+        self.conv = base.conv
+        weight = base.pretrained_weight()
+        chunks = 3 if config.split_qkv and base.name.split(".")[-1] == "qkv" else 1
         out_features = weight.shape[0]
         if out_features % chunks:
-            raise ConfigError(f"{layer_name!r}: {out_features} output rows cannot be split into {chunks} chunks.")
-        chunk_rows = out_features // chunks
-        max_rank = min(chunk_rows, math.prod(weight.shape[1:]))
+            raise ConfigError(f"{base.name!r}: {out_features} output rows cannot be split into {chunks} chunks.")
+        rank = pattern_match(config.rank_pattern, base.name) or config.rank
+        max_rank = min(out_features // chunks, math.prod(weight.shape[1:]))
         if rank > max_rank:
-            warnings.warn(f"{layer_name!r}: rank {rank} exceeds what a {tuple(weight.shape)} weight allows; "
-                          f"using rank {max_rank}.", stacklevel=4)
+            self.adjusted = {"rank": (rank, max_rank, "exceeds the largest rank of")}
             rank = max_rank
-        self.rank, self.chunks, self.neumann_terms, self.svd = rank, chunks, neumann_terms, svd
+        self.rank, self.chunks, self.neumann_terms, self.svd = rank, chunks, config.neumann_terms, config.svd
         self.weight_shape = tuple(weight.shape)
 
-        factors = [principal_subspace(w, rank, svd) for w in weight.flatten(1).chunk(chunks)]
+        factors = [principal_subspace(w, rank, config.svd) for w in weight.flatten(1).chunk(chunks)]
         a = torch.cat([a for a, _ in factors]).to(weight.dtype)  # (chunks * rank, in * kh * kw)
         b = torch.stack([b for _, b in factors]).to(weight.dtype)  # (chunks, out / chunks, rank)
         self.register_buffer("A", a, persistent=False)
@@ -230,17 +211,17 @@ class PSOFTAdapter(Adapter):
 
         self.q = nn.Parameter(torch.zeros(chunks, packed_size(rank), device=weight.device))
         ones = torch.ones(chunks, rank, device=weight.device)
-        self.alpha = nn.Parameter(ones.clone()) if scale_a else None
-        self.beta = nn.Parameter(ones.clone()) if scale_b else None
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.alpha = nn.Parameter(ones.clone()) if config.train_alpha else None
+        self.beta = nn.Parameter(ones.clone()) if config.train_beta else None
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     def transform(self) -> torch.Tensor:
         """``C = diag(beta) R diag(alpha)`` per chunk, fp32, shape (chunks, rank, rank)."""
-        c = orthogonal_from_packed(self.scaled(self.q, 0.0), self.rank, self.neumann_terms)
+        c = orthogonal_from_packed(self.at_strength(self.q, 0.0), self.rank, self.neumann_terms)
         if self.beta is not None:
-            c = self.scaled(self.beta, 1.0).float()[..., :, None] * c
+            c = self.at_strength(self.beta, 1.0).float()[..., :, None] * c
         if self.alpha is not None:
-            c = c * self.scaled(self.alpha, 1.0).float()[..., None, :]
+            c = c * self.at_strength(self.alpha, 1.0).float()[..., None, :]
         return c
 
     def up_weight(self) -> torch.Tensor:
@@ -286,3 +267,7 @@ class PSOFTAdapter(Adapter):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, chunks={self.chunks}, neumann_terms={self.neumann_terms}"
+
+
+METHOD = Method("psoft", PSOFTConfig, PSOFTAdapter, low_rank=True, size_field="rank", display_name="PSOFT",
+                summary="orthogonal fine-tuning in each weight's top-r principal subspace, plus two scaling vectors")

@@ -1,0 +1,107 @@
+"""One configuration measured in this process: set-up, training steps, peak memory, adapter file, inference; and
+the SVD set-up report."""
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from psoft_vision.memory import peak_memory_mib, reset_peak_memory
+
+from .methods import methods
+from .workloads import WORKLOADS
+
+
+def _timed(fn, device, repeats):
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _adapter_bytes(model, method) -> int | None:
+    if method in ("floor", "full"):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        if method.startswith("peft-"):
+            model.save_pretrained(tmp)
+            return sum(p.stat().st_size for p in Path(tmp).rglob("*.safetensors"))
+        from psoft_vision.io import save_adapter
+
+        return save_adapter(model, Path(tmp, "adapter.safetensors")).stat().st_size
+
+
+def run_config(workload: str, method: str, steps: int, warmup: int, device: str) -> dict:
+    device = torch.device(device)
+    torch.manual_seed(0)
+    model, inputs, loss_fn, spec = WORKLOADS[workload](device)
+    start = time.perf_counter()
+    model, merge = methods()[method](model, spec)
+    setup_s = time.perf_counter() - start
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
+    x = inputs[0].clone().requires_grad_(method == "floor")
+    model.train()
+
+    def step():
+        loss = loss_fn(model, x)
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        x.grad = None
+
+    for _ in range(warmup):
+        step()
+    reset_peak_memory(device)
+    step_s = [_timed(step, device, 1) for _ in range(steps)]
+    peak = peak_memory_mib(device)
+
+    model.eval()
+    with torch.no_grad():
+        infer_s = _timed(lambda: loss_fn(model, inputs[0]), device, max(3, steps // 2))
+        merged_s = None
+        if merge is not None:
+            merge(model)
+            merged_s = _timed(lambda: loss_fn(model, inputs[0]), device, max(3, steps // 2))
+    return dict(
+        workload=workload, method=method, device=str(device), trainable=sum(p.numel() for p in trainable),
+        setup_s=setup_s, step_ms=1000 * statistics.median(step_s), step_ms_all=[1000 * s for s in step_s],
+        peak_mib=peak, adapter_bytes=_adapter_bytes(model, method), infer_ms=1000 * infer_s,
+        infer_merged_ms=None if merged_s is None else 1000 * merged_s,
+    )
+
+
+def svd_report(workloads: list[str]) -> str:
+    """Set-up time of the principal subspaces of every targeted layer, "full" against "lowrank", and how far the
+    lowrank rank-r approximation is from the exact one (relative Frobenius error, median and worst layer)."""
+    from psoft_vision.methods import principal_subspace
+    from psoft_vision.targets import select
+
+    lines = []
+    for workload in workloads:
+        model, _, _, spec = WORKLOADS[workload](torch.device("cpu"))
+        weights = [model.get_submodule(n).weight.detach().flatten(1) for n in select(model, spec["targets"])]
+        rank = spec["sizes"]["rank"]
+        timings, factors = {}, {}
+        for mode in ("full", "lowrank"):
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                factors[mode] = [principal_subspace(w, min(rank, *w.shape), mode) for w in weights]
+                times.append(time.perf_counter() - start)
+            timings[mode] = statistics.median(times)
+        errors = [((bl @ al - bf @ af).norm() / (bf @ af).norm()).item()
+                  for (af, bf), (al, bl) in zip(factors["full"], factors["lowrank"], strict=True)]
+        lines.append(f"{workload}: {len(weights)} layers at rank {rank}: full {timings['full']:.2f} s, lowrank "
+                     f"{timings['lowrank']:.2f} s; lowrank error median {statistics.median(errors):.1e}, "
+                     f"worst {max(errors):.1e}")
+    return "\n".join(lines)

@@ -1,0 +1,61 @@
+"""The configurations the benchmark compares: every registered psoft_vision method, named variants of them, PEFT's
+methods on exactly the same layers, and two references (the frozen floor and full fine-tuning).
+
+Each is ``apply(model, spec) -> (model, merge or None)``, where ``spec`` is the workload's (see workloads.py).
+"""
+
+import psoft_vision as pv
+
+
+def ours(method_name: str, **overrides):
+    """A registered method with the workload's size for its ``size_field`` and ``overrides`` on top."""
+
+    def apply(model, spec):
+        method = pv.get_method(method_name)
+        sizes = {k: v for k, v in spec["sizes"].items() if k == method.size_field}
+        train_modules = (spec["head"],) if spec["head"] else ()
+        config = method.config(targets=spec["targets"], train_modules=train_modules, **sizes, **overrides)
+        pv.inject(model, config)
+        return model, pv.merge
+
+    return apply
+
+
+def _peft(make_config):
+    def apply(model, spec):
+        import peft
+
+        from psoft_vision.targets import select
+
+        config = make_config(peft, spec)
+        config.target_modules = select(model, spec["targets"])  # exactly the layers ours adapts
+        config.modules_to_save = [spec["head"]] if spec["head"] else None
+        model = peft.get_peft_model(model, config)
+        return model, lambda m: m.merge_adapter()
+
+    return apply
+
+
+def _frozen(model, spec):
+    model.requires_grad_(False)
+    return model, None
+
+
+def _full(model, spec):
+    return model, None
+
+
+#: Named settings of our methods worth measuring on their own.
+VARIANTS = {"psoft-neumann": ours("psoft", neumann_terms=4)}
+PEFT = {
+    "peft-lora": _peft(lambda peft, spec: peft.LoraConfig(r=spec["lora_rank"], lora_alpha=2 * spec["lora_rank"])),
+    "peft-oft": _peft(lambda peft, spec: peft.OFTConfig(r=0, oft_block_size=spec["sizes"]["block_size"])),
+    "peft-boft": _peft(lambda peft, spec: peft.BOFTConfig(boft_block_size=8, boft_n_butterfly_factor=2)),
+    "peft-psoft": _peft(lambda peft, spec: peft.PsoftConfig(r=spec["sizes"]["rank"])),
+}
+
+
+def methods() -> dict:
+    """Every configuration by name, ours first: the registered methods are read when this is called."""
+    return {"floor": _frozen, "full": _full, **{name: ours(name) for name in pv.registered_methods()},
+            **VARIANTS, **PEFT}

@@ -1,0 +1,60 @@
+"""What the benchmark trains: a model, its inputs, its loss, and where adapters go (the same layers for every
+method, ours and PEFT's). ``sizes`` gives each config field that sets an adapter's size (a method's
+``size_field``: PSOFT's rank, OFT's block size) its value for the workload."""
+
+import torch
+import torch.nn.functional as F
+
+VIT_TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
+
+
+def _timm_classifier(name: str, batch: int, size: int, device):
+    import timm
+
+    model = timm.create_model(name, pretrained=False, num_classes=100).to(device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=gen).to(device)
+    y = torch.randint(100, (batch,), generator=gen).to(device)
+
+    def loss_fn(model, x=x):
+        return F.cross_entropy(model(x), y)
+
+    return model, (x,), loss_fn, dict(targets=VIT_TARGETS, head="head", lora_rank=8,
+                                     sizes=dict(rank=46, block_size=32))
+
+
+def vit_b16(device):
+    return _timm_classifier("vit_base_patch16_224", 8, 224, device)
+
+
+def test_vit(device):
+    """A seconds-long smoke workload (timm's test_vit, batch 2): checks the machinery, measures nothing."""
+    return _timm_classifier("test_vit", 2, 160, device)
+
+
+def unet_small(device):
+    from diffusers import UNet2DConditionModel
+
+    from psoft_vision.targets import PRESETS
+
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(
+        sample_size=32, block_out_channels=(64, 128, 256), layers_per_block=2, cross_attention_dim=256,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8,
+    ).to(device)
+    gen = torch.Generator().manual_seed(0)
+    sample = torch.randn(4, 4, 32, 32, generator=gen).to(device)
+    context = torch.randn(4, 77, 256, generator=gen).to(device)
+    timesteps = torch.randint(1000, (4,), generator=gen).to(device)
+    noise = torch.randn(4, 4, 32, 32, generator=gen).to(device)
+
+    def loss_fn(model, x=sample):
+        return F.mse_loss(model(x, timesteps, encoder_hidden_states=context).sample, noise)
+
+    # Rank 16 is to these 64-256 channels about what 46 is to ViT-B's 768 (the adapter path costs r (in + out)).
+    return model, (sample,), loss_fn, dict(targets=PRESETS["unet"], head=None, lora_rank=4,
+                                          sizes=dict(rank=16, block_size=32))
+
+
+WORKLOADS = {"vit-b16": vit_b16, "unet-small": unet_small, "test-vit": test_vit}
