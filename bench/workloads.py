@@ -35,8 +35,6 @@ def test_vit(device):
 def unet_small(device):
     from diffusers import UNet2DConditionModel
 
-    from psoft_vision.targets import PRESETS
-
     torch.manual_seed(0)
     model = UNet2DConditionModel(
         sample_size=32, block_out_channels=(64, 128, 256), layers_per_block=2, cross_attention_dim=256,
@@ -53,7 +51,7 @@ def unet_small(device):
         return F.mse_loss(model(x, timesteps, encoder_hidden_states=context).sample, noise)
 
     # Rank 16 is to these 64-256 channels about what 46 is to ViT-B's 768 (the adapter path costs r (in + out)).
-    return model, (sample,), loss_fn, dict(targets=PRESETS["unet"], head=None, lora_rank=4,
+    return model, (sample,), loss_fn, dict(targets="unet", head=None, lora_rank=4,
                                           sizes=dict(rank=16, block_size=32))
 
 

@@ -1,8 +1,18 @@
 """The frozen layers adapters are built on: which module types qualify, and what an adapter may read of them.
 
-A :class:`Base` is the adapter's view of one frozen layer: its weight's shape, its convolution geometry and its
-pretrained weight (unmerged, even while other adapters are merged into the module). :func:`base_of` makes one, or
-refuses the module with an :class:`~psoft_vision.errors.UnsupportedLayerError` that names it and says what to do.
+A :class:`Base` is the adapter's view of one frozen layer: its kind, its weight's shape, its convolution geometry
+and its pretrained weight (unmerged, even while other adapters are merged into the module). :func:`base_of` makes
+one, or refuses the module with an :class:`~psoft_vision.errors.UnsupportedLayerError` that names it and says what
+to do.
+
+Two ways to run an adapter on a layer:
+
+- the activation path, for exactly ``nn.Linear`` and ``nn.Conv2d`` (zero padding, no groups): the adapter works
+  on the layer's input and output and never forms the adapted weight (fast, and what the adapters are built for);
+- the weight path, for every other supported layer (subclasses with their own forward, such as timm's
+  ``Conv2dSame`` and weight-standardised ``StdConv2d``, other padding modes, grouped convolutions): the adapted
+  weight ``T(W)`` is formed, differentiably, and the layer's own forward runs with it. Merged and unmerged outputs
+  are then equal by construction, whatever the layer does with its weight.
 """
 
 from dataclasses import dataclass
@@ -15,19 +25,26 @@ from .errors import UnsupportedLayerError
 LINEAR, CONV2D = "linear", "conv2d"
 
 
+@dataclass(frozen=True)
+class LayerKind:
+    name: str  # LINEAR or CONV2D
+    groups: int = 1
+    weight_path: bool = False  # the adapter must act on the weight (see the module docstring)
+
+
 @dataclass(frozen=True, eq=False)
 class Base:
     module: nn.Module
     name: str
-    kind: str
-    weight_shape: tuple[int, ...]
+    kind: LayerKind
+    weight_shape: tuple[int, ...]  # (out, in) or (out, in / groups, kh, kw)
     conv: dict | None = None  # the keyword arguments of F.conv2d; None for a linear layer
     weight_override: torch.Tensor | None = None
 
     @property
     def in_features(self) -> int:
         """Input features of a linear layer, input channels of a convolution."""
-        return self.weight_shape[1]
+        return self.weight_shape[1] * self.kind.groups
 
     @property
     def device(self) -> torch.device:
@@ -39,20 +56,50 @@ class Base:
         return weight.detach()
 
 
-def _refuse(name: str, module: nn.Module, why: str) -> UnsupportedLayerError:
-    return UnsupportedLayerError(f"{name!r} is a {type(module).__name__}{why}. Leave it out of `targets` (or add it "
-                                 "to `exclude`).")
+def _weight_reparametrized(module: nn.Module) -> str | None:
+    """How the module recomputes its weight from other tensors before each call, if it does."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(module, "weight"):
+        return "a parametrization (torch.nn.utils.parametrize, parametrizations.weight_norm, ...)"
+    if any(type(hook).__name__ == "WeightNorm" for hook in module._forward_pre_hooks.values()):
+        return "torch.nn.utils.weight_norm"
+    return None
+
+
+def classify(module: nn.Module) -> LayerKind | None:
+    """The kind of a layer adapters support, or None."""
+    if isinstance(module, nn.Linear):
+        return LayerKind(LINEAR, weight_path=type(module) is not nn.Linear)
+    if isinstance(module, nn.Conv2d) and not isinstance(module, nn.ConvTranspose2d):
+        plain = type(module) is nn.Conv2d and module.padding_mode == "zeros" and module.groups == 1
+        return LayerKind(CONV2D, groups=module.groups, weight_path=not plain)
+    return None
 
 
 def base_of(module: nn.Module, name: str, pretrained_weight: torch.Tensor | None = None) -> Base:
     """The :class:`Base` of ``module`` (named ``name`` in its model), or an ``UnsupportedLayerError``."""
-    if isinstance(module, nn.Linear):
-        return Base(module, name, LINEAR, tuple(module.weight.shape), None, pretrained_weight)
-    if not isinstance(module, nn.Conv2d):
-        raise _refuse(name, module, "; adapters support nn.Linear and nn.Conv2d")
-    if module.groups != 1:
-        raise _refuse(name, module, f" with groups={module.groups}; only groups=1 is supported")
-    if module.padding_mode != "zeros":
-        raise _refuse(name, module, f" with padding_mode={module.padding_mode!r}; only 'zeros' is supported")
-    conv = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
-    return Base(module, name, CONV2D, tuple(module.weight.shape), conv, pretrained_weight)
+    kind = classify(module)
+    if kind is None:
+        raise UnsupportedLayerError(
+            f"{name!r} is a {type(module).__name__}; adapters support linear and 2-D convolution layers "
+            "(nn.Linear, nn.Conv2d and their subclasses). Leave it out of `targets` (or add it to `exclude`).")
+    reparametrized = _weight_reparametrized(module)
+    if reparametrized:
+        raise UnsupportedLayerError(
+            f"{name!r} recomputes its weight before every call with {reparametrized}; merging could not change "
+            "what it computes. Fold it into a plain weight first (torch.nn.utils.remove_weight_norm or "
+            "parametrize.remove_parametrizations(module, 'weight')), then inject.")
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, nn.Parameter) or isinstance(weight, nn.parameter.UninitializedParameter) \
+            or weight.is_meta:
+        raise UnsupportedLayerError(
+            f"{name!r} ({type(module).__name__}) has no materialised weight yet (a lazy or meta-device layer); run "
+            "one forward pass (or load the weights) before inject.")
+    if module.weight.numel() == 0:
+        raise UnsupportedLayerError(f"{name!r} has an empty weight {tuple(module.weight.shape)}; leave it out of "
+                                    "`targets`.")
+    conv = None
+    if kind.name == CONV2D:
+        conv = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
+    return Base(module, name, kind, tuple(module.weight.shape), conv, pretrained_weight)

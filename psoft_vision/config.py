@@ -30,7 +30,9 @@ def check_target_spec(spec, field_name: str, optional: bool = False) -> None:
             raise ConfigError(f"{field_name}={spec!r} is neither a preset nor a valid regex ({error}); give a "
                               "preset name, a regex, a list of module names or a callable.") from None
         return
-    if isinstance(spec, re.Pattern) or callable(spec):
+    from .targets import Preset
+
+    if isinstance(spec, re.Pattern | Preset) or callable(spec):
         return
     raise ConfigError(f"{field_name}={spec!r} ({type(spec).__name__}) is not 'auto', a preset name, a regex, a list "
                       "of module names or a callable (name, module) -> bool.")

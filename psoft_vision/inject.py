@@ -76,8 +76,8 @@ def _build(module: nn.Module, layer_name: str, method, config):
         base = base_of(module.base, layer_name, module.pretrained_weight)
     else:
         base = base_of(module, layer_name)
-    if base.kind not in method.layer_kinds:
-        raise UnsupportedLayerError(f"{layer_name!r} is a {base.kind} layer; method {method.name!r} adapts "
+    if base.kind.name not in method.layer_kinds:
+        raise UnsupportedLayerError(f"{layer_name!r} is a {base.kind.name} layer; method {method.name!r} adapts "
                                     f"{', '.join(method.layer_kinds)} layers. Leave it out of `targets`.")
     adapter = method.adapter(base, config)
     if adapter.config is not config:

@@ -1,10 +1,16 @@
-"""The wrapper that puts named adapters around one frozen ``nn.Linear`` or ``nn.Conv2d``.
+"""The wrapper that puts named adapters around one frozen linear or convolution layer.
 
 Every adapter is a transform of the layer's weight, ``W -> T(W)``; the active adapters stack in order, so the
-effective weight is ``T_n(...T_1(W))``. In the forward each adapter receives the input and the layer built from
-the adapters below it (``inner``), which is exactly that composition without ever forming ``T(W)``. Merging
-folds a prefix of the stack into the base weight in the same order; the pretrained weight is kept aside while
-anything is merged, so unmerging gives it back bit for bit.
+effective weight is ``T_n(...T_1(W))``. On the activation path each adapter receives the input and the layer built
+from the adapters below it (``inner``), which is exactly that composition without ever forming ``T(W)``. On the
+weight path (see :mod:`psoft_vision.bases`) the composed weight is formed and the layer's own forward runs with it.
+
+``weight`` is always the effective weight, differentiable while adapters are active: a parent module that reads
+``child.weight`` itself (``F.linear(x, self.qkv.weight, bias)``, as timm's EVA and Swin V2 attention do) computes
+with the adapted weight and trains the adapters, exactly as if it had called the layer.
+
+Merging folds a prefix of the stack into the base weight in the same order; the pretrained weight is kept aside
+while anything is merged, so unmerging gives it back bit for bit.
 """
 
 from functools import partial
@@ -13,6 +19,7 @@ import torch
 from torch import nn
 
 from .adapter import Adapter
+from .bases import classify
 
 
 class AdaptedLayer(nn.Module):
@@ -21,6 +28,7 @@ class AdaptedLayer(nn.Module):
     def __init__(self, base: nn.Module):
         super().__init__()
         self.base = base
+        self.weight_path = classify(base).weight_path
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
         self.merged: list[str] = []  # always a prefix of ``active``: those folded into base.weight
@@ -28,7 +36,11 @@ class AdaptedLayer(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.base.weight
+        """The effective weight: the base weight with every unmerged active adapter applied, differentiably."""
+        weight = self.base.weight
+        for name in self.active[len(self.merged):]:
+            weight = self.adapters[name].merge_into(weight)
+        return weight
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -45,6 +57,8 @@ class AdaptedLayer(nn.Module):
         self.active.append(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_path and len(self.active) > len(self.merged):
+            return torch.func.functional_call(self.base, {"weight": self.weight}, (x,))
         layer = self.base
         for name in self.active[len(self.merged) :]:
             layer = partial(self.adapters[name], inner=layer)

@@ -119,7 +119,7 @@ def vit() -> nn.Module:
     return timm.create_model("test_vit", pretrained=False, num_classes=10).eval()
 
 
-VIT_TARGETS = f"({PRESETS['timm-vit']})|patch_embed\\.proj"  # every block linear and the 16x16/stride-16 conv
+VIT_TARGETS = f"({PRESETS['timm-vit'].pattern})|patch_embed\\.proj"  # every block linear and the 16x16/stride-16 conv
 
 
 def vit_input() -> torch.Tensor:

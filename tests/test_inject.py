@@ -29,8 +29,9 @@ def timm_model(name: str):
 
 
 def block_linear_names(model: nn.Module) -> set[str]:
-    return {n for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and ".blocks." in f".{n}" and n.endswith(BLOCK_LINEARS)}
+    """The four linears of every block, and the linear of Swin's patch merging between stages."""
+    return {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and (
+        ".blocks." in f".{n}" and n.endswith(BLOCK_LINEARS) or n.endswith("downsample.reduction"))}
 
 
 @pytest.mark.parametrize("name", list(TIMM_MODELS))

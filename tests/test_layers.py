@@ -27,7 +27,20 @@ LAYERS = {
     "conv_3x5": (lambda: nn.Conv2d(16, 24, (3, 5), padding=(1, 2)), (2, 16, 20, 28), 8),
     "conv_1x1_nobias": (lambda: nn.Conv2d(16, 24, 1, bias=False), (2, 16, 16, 16), 16),
     "patch_embed_16x16": (lambda: nn.Conv2d(3, 32, 16, stride=16), (2, 3, 64, 64), 3),
+    # the weight path: layers whose forward is not the plain one, adapted through their (adapted) weight
+    "conv_grouped": (lambda: nn.Conv2d(16, 24, 3, padding=1, groups=4), (2, 16, 32, 32), 2),
+    "conv_reflect": (lambda: nn.Conv2d(16, 24, 3, padding=1, padding_mode="reflect"), (2, 16, 32, 32), 8),
+    "linear_standardised": (lambda: StandardisedLinear(64, 96), (4, 10, 64), 16),
 }
+
+
+class StandardisedLinear(nn.Linear):
+    """A weight-standardised linear (like timm's StdConv2d): its output is not linear in its stored weight."""
+
+    def forward(self, x):
+        centred = self.weight - self.weight.mean(1, keepdim=True)
+        return nn.functional.linear(x, centred / centred.std(1, keepdim=True), self.bias)
+
 CASES = [(method, name) for method in ("psoft", "oft") for name in LAYERS]
 
 
@@ -173,15 +186,39 @@ def test_oft_block_size_must_divide_the_input_width():
 
 
 def test_unsupported_layers_are_refused_by_name():
-    grouped = Holder(nn.Conv2d(8, 8, 3, groups=2))
-    with pytest.raises(pv.UnsupportedLayerError, match="groups=2"):
-        pv.inject(grouped, pv.PSOFTConfig(rank=4, targets=["layer"]))
-    norm = Holder(nn.LayerNorm(8))
-    with pytest.raises(pv.UnsupportedLayerError, match="LayerNorm"):
-        pv.inject(norm, pv.OFTConfig(block_size=4, targets=["layer"]))
-    reflect = Holder(nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"))
-    with pytest.raises(pv.UnsupportedLayerError, match="reflect"):
-        pv.inject(reflect, pv.PSOFTConfig(rank=4, targets=["layer"]))
+    refused = {
+        "LayerNorm": nn.LayerNorm(8),
+        "ConvTranspose2d": nn.ConvTranspose2d(8, 8, 3),
+        "Conv1d": nn.Conv1d(8, 8, 3),
+        "no materialised weight": nn.LazyLinear(8),
+        "empty weight": nn.Linear(4, 0),
+        "torch.nn.utils.weight_norm": nn.utils.weight_norm(nn.Linear(8, 8)),
+        "a parametrization": nn.utils.parametrizations.weight_norm(nn.Linear(8, 8)),
+    }
+    for reason, layer in refused.items():
+        for config in (pv.PSOFTConfig(rank=4, targets=["layer"]), pv.OFTConfig(block_size=4, targets=["layer"])):
+            model = Holder(layer)
+            with pytest.raises(pv.UnsupportedLayerError, match=f"'layer'.*{reason}"):
+                pv.inject(model, config)
+            assert model.layer is layer
+
+
+def test_depthwise_convs_take_psoft_per_channel_and_refuse_oft():
+    depthwise = Holder(nn.Conv2d(8, 8, 3, padding=1, groups=8))
+    with pytest.raises(pv.UnsupportedLayerError, match="'layer' is a depthwise convolution"):
+        pv.inject(depthwise, pv.OFTConfig(block_size=2, targets=["layer"]))
+    x = torch.randn(2, 8, 16, 16)
+    expected = depthwise(x).detach()
+    with pytest.warns(UserWarning, match="using rank 1"):  # a 1 x 9 weight per group has rank 1
+        pv.inject(depthwise, pv.PSOFTConfig(rank=4, targets=["layer"]))
+    assert rel_err(depthwise(x), expected) <= 1e-6
+    randomize_adapters(depthwise)
+    adapted = depthwise(x)
+    adapted.square().mean().backward()
+    trained = [p for p in depthwise.parameters() if p.requires_grad and p.numel()]  # rank 1: Q has no entries
+    assert trained and all(p.grad is not None and p.grad.abs().max() > 0 for p in trained)
+    pv.merge(depthwise)
+    assert rel_err(depthwise(x), adapted.detach()) <= 1e-5
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -14,7 +14,7 @@ from torch import nn
 from ..adapter import Adapter
 from ..bases import Base
 from ..config import AdapterConfig, check_int, check_neumann_terms, check_pattern, pattern_match
-from ..errors import BlockSizeError
+from ..errors import BlockSizeError, UnsupportedLayerError
 from ..orthogonal import orthogonal_from_packed, packed_size
 from ..registry import Method
 from ..targets import chosen_by_preset
@@ -56,8 +56,14 @@ def nearest_block_size(width: int, block_size: int) -> int:
 
 
 def _block_size(base: Base, config: OFTConfig) -> tuple[int, int | None]:
-    """``(block size, the size asked for if it was adjusted)`` of this layer."""
-    width = base.in_features
+    """``(block size, the size asked for if it was adjusted)`` of this layer. Blocks never straddle the groups of
+    a grouped convolution, so the size must divide the input channels of one group."""
+    width = base.weight_shape[1]
+    if width == 1:
+        raise UnsupportedLayerError(
+            f"{base.name!r} is a depthwise convolution (one input channel per group): a rotation of its input would "
+            "mix channels that it keeps apart, and could not be merged. Leave it out of `targets`, or use PSOFT, "
+            "which adapts each group in its own subspace.")
     explicit = pattern_match(config.block_size_pattern, base.name)
     size = config.block_size if explicit is None else explicit
     if width % size == 0:
@@ -104,8 +110,11 @@ class OFTAdapter(Adapter):
         return inner(rotated)
 
     def merge_into(self, weight: torch.Tensor) -> torch.Tensor:
-        w = weight.float().unflatten(1, (self.blocks, self.block_size))
-        return torch.einsum("oki...,kij->okj...", w, self.rotations()).flatten(1, 2).to(weight.dtype)
+        # W' = W R per group: the rows of group g read its input channels, rotated by that group's blocks.
+        groups = self.blocks * self.block_size // weight.shape[1]
+        w = weight.float().unflatten(0, (groups, -1)).unflatten(2, (-1, self.block_size))
+        r = self.rotations().unflatten(0, (groups, -1))
+        return torch.einsum("goki...,gkij->gokj...", w, r).flatten(2, 3).flatten(0, 1).to(weight.dtype)
 
     def describe(self) -> dict:
         return {"block_size": self.block_size, "blocks": self.blocks}

@@ -108,7 +108,7 @@ class _PrincipalLinear(torch.autograd.Function):
     """``y = x W^T + b + (x A^T) U^T`` for a frozen W, b, A and a trainable ``U = B (C - I)``, as one node.
 
     Only ``z = x A^T`` (r wide) is kept for backward. When a layer's weight is smaller than its activations
-    (``out * in < tokens * (in + out)``, the rule in training), the adapted weight ``W + U A`` is formed for the
+    (``out * in < tokens * (in + out)``), the adapted weight ``W + U A`` is formed for the
     forward and again in the backward (``out * r * in`` each) instead of running the r-wide path per token
     (``tokens * r * (in + out)`` each way): the per-token cost over the frozen layer is then ``z`` and ``g^T z``.
     """
@@ -119,15 +119,20 @@ class _PrincipalLinear(torch.autograd.Function):
         out_features, in_features = weight.shape
         form = out_features * in_features < x2.shape[0] * (in_features + out_features)
         z = x2 @ a.T
-        if form:
-            adapted = torch.addmm(weight, up, a)
-            y = x2 @ adapted.T if bias is None else torch.addmm(bias, x2, adapted.T)
+        # The output is allocated in its final shape and filled through a 2-D view: returning a view made inside
+        # the Function would forbid the in-place updates that some parents apply to a layer's output.
+        y = x2.new_empty(*x.shape[:-1], out_features)
+        y2 = y.view(-1, out_features)
+        matrix = torch.addmm(weight, up, a) if form else weight
+        if bias is None:
+            torch.mm(x2, matrix.T, out=y2)
         else:
-            y = x2 @ weight.T if bias is None else torch.addmm(bias, x2, weight.T)
-            y.addmm_(z, up.T)
+            torch.addmm(bias, x2, matrix.T, out=y2)
+        if not form:
+            y2.addmm_(z, up.T)
         ctx.save_for_backward(z, weight, a, up)
         ctx.input_shape, ctx.form = x.shape, form
-        return y.reshape(*x.shape[:-1], out_features)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
@@ -191,7 +196,11 @@ class PSOFTAdapter(Adapter):
         super().__init__(config)
         self.conv = base.conv
         weight = base.pretrained_weight()
-        chunks = 3 if config.split_qkv and base.name.split(".")[-1] == "qkv" else 1
+        # Independent subspaces over blocks of output rows: q, k and v of a fused qkv, or the groups of a grouped
+        # convolution (whose weight already holds each group's own input channels).
+        chunks = base.kind.groups
+        if config.split_qkv and base.name.split(".")[-1] == "qkv":
+            chunks = 3
         out_features = weight.shape[0]
         if out_features % chunks:
             raise ConfigError(f"{base.name!r}: {out_features} output rows cannot be split into {chunks} chunks.")
@@ -201,6 +210,7 @@ class PSOFTAdapter(Adapter):
             self.adjusted = {"rank": (rank, max_rank, "exceeds the largest rank of")}
             rank = max_rank
         self.rank, self.chunks, self.neumann_terms, self.svd = rank, chunks, config.neumann_terms, config.svd
+        self.grouped = base.kind.groups > 1
         self.weight_shape = tuple(weight.shape)
 
         factors = [principal_subspace(w, rank, config.svd) for w in weight.flatten(1).chunk(chunks)]
@@ -233,9 +243,12 @@ class PSOFTAdapter(Adapter):
         up = self.B.float() @ (self.transform() - eye)
         return up[0] if self.chunks == 1 else torch.block_diag(*up.unbind(0))
 
-    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The update as an exact LoRA ``up @ down``: up ``B (C - I)`` (out, k) and down ``A`` in the layer's
-        weight layout, (k, in) or (k, in, kh, kw), with ``k = chunks * rank``; fp32."""
+        weight layout, (k, in) or (k, in, kh, kw), with ``k = chunks * rank``; fp32. None on a grouped
+        convolution, whose update no LoRA layout holds (each group's down reads only its own channels)."""
+        if self.grouped:
+            return None
         return self.up_weight(), self.A.float().reshape(-1, *self.weight_shape[1:])
 
     def delta_weight(self) -> torch.Tensor:

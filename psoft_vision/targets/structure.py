@@ -1,0 +1,186 @@
+"""Where adapters go in a model, read from its structure rather than from names.
+
+timm models: the linear and dense convolution layers inside the repeated blocks or stages, as the model's own
+``group_matcher`` defines them (a generic rule for the few models without one): attention projections, MLP and
+pointwise layers, the 3x3 convolutions of residual blocks. Never the stem or a patch embedding (no layer that reads
+the image's channels), the classifier (``pretrained_cfg["classifier"]``), the final norm or convolution after the
+blocks, normalisation layers or grouped convolutions.
+
+diffusers denoisers: every linear layer of every attention module (the context stream's projections included), the
+linear and 1x1 convolution layers of the transformer blocks (feed-forward, single-stream MLPs and projections; a
+transformer block is a module with an attention module among its children), and the ``proj_in`` / ``proj_out`` of
+transformers nested in a UNet or ControlNet. Never timestep or conditioning embedders, adaLN modulation (a linear
+inside a normalisation module, or right after an activation in a ``Sequential``), the patch embedding or the final
+projection of the model.
+"""
+
+import re
+from collections.abc import Iterator
+
+from torch import nn
+
+from ..bases import CONV2D, LINEAR, classify
+from ..layer import AdaptedLayer
+
+#: timm's group_matcher marks what follows the blocks (final norm, conv_head) with this ordinal or a large one.
+_TAIL_ORDINAL = 99
+
+
+def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Named modules, where an adapted layer stands for itself and its base layer is hidden."""
+    inside = None
+    for name, module in model.named_modules():
+        if inside is not None and name.startswith(inside):
+            continue
+        inside = name + "." if isinstance(module, AdaptedLayer) else None
+        if name:
+            yield name, module
+
+
+def _layer(module: nn.Module) -> nn.Module:
+    return module.base if isinstance(module, AdaptedLayer) else module
+
+
+def dense_layer(module: nn.Module) -> bool:
+    """A layer ``"auto"`` may adapt: a supported linear or convolution layer that is not grouped."""
+    kind = classify(_layer(module))
+    return kind is not None and kind.name in (LINEAR, CONV2D) and kind.groups == 1
+
+
+def is_timm_model(model: nn.Module) -> bool:
+    return any(cls.__module__.startswith("timm.") for cls in type(model).__mro__)
+
+
+def is_diffusers_model(model: nn.Module) -> bool:
+    return any(cls.__module__.startswith("diffusers.") for cls in type(model).__mro__)
+
+
+# ------------------------------------------------------------------------------------------------------- timm
+def _timm_in_block(model: nn.Module):
+    """``name -> bool``: is the module inside a block, by the model's ``group_matcher``; None if it has none.
+
+    A dict matcher names its stem and block patterns (block patterns with a large ordinal mark what follows the
+    blocks); a function matcher gives each parameter an ordinal, 0 for the stem and infinity for the head.
+    """
+    matcher = getattr(model, "group_matcher", None)
+    try:
+        groups = matcher(coarse=False) if callable(matcher) else None
+    except Exception:  # a model whose matcher needs what it was not built with
+        return None
+    if callable(groups):
+        def in_block(name: str) -> bool:
+            ordinal = groups(name + ".weight")
+            first = ordinal[0] if isinstance(ordinal, tuple | list) else ordinal
+            return 0 < first < _TAIL_ORDINAL
+        return in_block
+    if not isinstance(groups, dict) or not groups.get("blocks"):
+        return None
+    specs = groups["blocks"]
+    specs = [(specs, None)] if isinstance(specs, str) else specs
+    blocks = [re.compile(p) for p, ordinal in specs if not (ordinal and ordinal[0] >= _TAIL_ORDINAL)]
+    stems = groups.get("stem") or []
+    stems = [re.compile(p) for p in ([stems] if isinstance(stems, str) else stems)]
+    return lambda name: (any(p.match(name + ".weight") for p in blocks)
+                         and not any(p.match(name + ".weight") for p in stems))
+
+
+def repeated_blocks(model: nn.Module) -> list[str]:
+    """Names of the children of every ``Sequential`` / ``ModuleList`` holding two or more modules of one class."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Sequential | nn.ModuleList):
+            kinds = [type(child) for child in module.children()]
+            if any(kinds.count(k) >= 2 and not issubclass(k, nn.Linear | nn.Conv2d) for k in kinds):
+                found += [f"{name}.{child}" if name else child for child, _ in module.named_children()]
+    return found
+
+
+def _image_channels(model: nn.Module) -> int:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return (cfg.get("input_size") or (3,))[0]
+
+
+def _reads_image(module: nn.Module, channels: int) -> bool:
+    layer = _layer(module)
+    return isinstance(layer, nn.Conv2d) and layer.in_channels == channels
+
+
+def timm_targets(model: nn.Module) -> list[str]:
+    """The layers of a timm model that ``"auto"`` adapts (see the module docstring)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    classifier = cfg.get("classifier") or ()
+    classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    channels = _image_channels(model)
+    in_block = _timm_in_block(model)
+    if in_block is None:
+        prefixes = tuple(b + "." for b in repeated_blocks(model))
+        in_block = lambda name: name.startswith(prefixes)  # noqa: E731
+    return [name for name, module in candidate_modules(model)
+            if dense_layer(module) and in_block(name) and not _reads_image(module, channels)
+            and not any(name == c or name.startswith(c + ".") for c in classifier)]
+
+
+# -------------------------------------------------------------------------------------------------- diffusers
+def _is_attention(module: nn.Module) -> bool:
+    return any(cls.__name__ in ("Attention", "AttentionModuleMixin") or cls.__name__.endswith("Attention")
+               for cls in type(module).__mro__ if cls.__module__.startswith("diffusers."))
+
+
+def _is_conditioning(name: str, module: nn.Module) -> bool:
+    """A normalisation wrapper (adaLN), or an embedder: their linears modulate or embed, they do not transform."""
+    cls = type(module).__name__
+    return "Norm" in cls or "Embed" in cls or "embed" in name.rsplit(".", 1)[-1]
+
+
+def _modulation_after_activation(parent: nn.Module, child: str) -> bool:
+    """``Sequential(SiLU(), Linear(...))``: the adaLN modulation of HiDream, QwenImage and others."""
+    if not isinstance(parent, nn.Sequential):
+        return False
+    names = [n for n, _ in parent.named_children()]
+    index = names.index(child)
+    return index > 0 and isinstance(parent[index - 1], nn.SiLU | nn.GELU | nn.ReLU)
+
+
+def _pointwise(module: nn.Module) -> bool:
+    layer = _layer(module)
+    return isinstance(layer, nn.Linear) or (isinstance(layer, nn.Conv2d) and tuple(layer.kernel_size) == (1, 1))
+
+
+def transformer_blocks(model: nn.Module) -> list[str]:
+    """Names of the modules that hold an attention module among their children (attention modules themselves
+    excluded), outermost only."""
+    found = []
+    for name, module in model.named_modules():
+        if name and not _is_attention(module) and any(_is_attention(c) for c in module.children()) \
+                and not any(name.startswith(f + ".") for f in found):
+            found.append(name)
+    return found
+
+
+def diffusers_targets(model: nn.Module, resnet_convs: bool = False) -> list[str]:
+    """The layers of a diffusers denoiser that ``"auto"`` adapts (see the module docstring); with
+    ``resnet_convs`` also the dense convolutions of its ResNet blocks (``conv1``, ``conv2``)."""
+    modules = dict(model.named_modules())
+    block_names = transformer_blocks(model)
+    blocks = tuple(b + "." for b in block_names)
+    # The module that holds a list of transformer blocks, unless it is the model itself: a transformer nested in a
+    # UNet or ControlNet, whose proj_in / proj_out are its block-level projections.
+    holders = {parts[0] for parts in (b.rsplit(".", 2) for b in block_names) if len(parts) == 3}
+
+    def wanted(name: str, module: nn.Module) -> bool:
+        parent_name, _, child = name.rpartition(".")
+        parts = name.split(".")
+        ancestors = [modules[".".join(parts[:i])] for i in range(1, len(parts))]
+        if any(_is_conditioning(".".join(parts[:i + 1]), a) for i, a in enumerate(ancestors)):
+            return False
+        if _modulation_after_activation(modules.get(parent_name, model), child):
+            return False
+        if any(_is_attention(a) for a in ancestors):
+            return True
+        if name.startswith(blocks):
+            return _pointwise(module)
+        if parent_name in holders and _pointwise(module):
+            return True
+        return resnet_convs and ".resnets." in f".{name}" and child in ("conv1", "conv2")
+
+    return [name for name, module in candidate_modules(model) if dense_layer(module) and wanted(name, module)]
