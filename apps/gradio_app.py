@@ -249,7 +249,7 @@ class Classification:
         import timm
 
         if name == DEFAULT_CLASSIFIER:
-            import train.backbone  # noqa: F401 - registers the project's offline backbone with timm
+            import train.offline.backbone  # noqa: F401 - registers the project's offline backbone with timm
         return cls(timm.create_model(name, pretrained=True).to(device), class_names)
 
     def load_adapter(self, path) -> str:
@@ -314,7 +314,7 @@ def _user_errors(handler):
 
 def example_images(directory: Path) -> list[Path]:
     """One test image per class of the shipped classifier adapter's task, as PNG files."""
-    from train.offline_data import TASKS, task_split
+    from train.offline.data import TASKS, task_split
 
     images, labels = task_split(DEFAULT_CLASSIFIER_TASK, "test")
     paths = []
@@ -450,7 +450,7 @@ def load_models(args) -> tuple[Generation | None, Classification | None, list[Pa
         print(f"loading classifier {name} ...", flush=True)
         class_names = _read_labels(args.classifier_labels)
         if args.classifier_model is None:
-            from train.offline_data import TASKS
+            from train.offline.data import TASKS
 
             class_names = class_names or list(TASKS[DEFAULT_CLASSIFIER_TASK].classes)
             examples = example_images(Path(tempfile.mkdtemp(prefix="psoft-vision-examples-")))

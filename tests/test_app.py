@@ -26,8 +26,8 @@ from safetensors import safe_open
 
 import psoft_vision as pv
 from apps import gradio_app as app
-from train.offline_data import FASHION, TASKS, task_split
-from train.pretrain_t2i import build_pipeline
+from train.offline.data import FASHION, TASKS, task_split
+from train.offline.pretrain_t2i import build_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(os.environ.get("PSOFT_VISION_TEST_ARTIFACTS", REPO / "test-artifacts"))

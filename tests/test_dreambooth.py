@@ -1,5 +1,5 @@
-"""DreamBooth trainer (train/dreambooth.py) end to end through its CLI entry point, on a tiny pipeline built from the
-project's configs (train/pretrain_t2i.py) and saved to a temporary folder, so every run takes the real
+"""DreamBooth trainer (train/dreambooth/) end to end through its CLI entry point, on a tiny pipeline built from the
+project's configs (train/offline/pretrain_t2i.py) and saved to a temporary folder, so every run takes the real
 ``from_pretrained`` path: outputs, adapter file keys and metadata, the exported LoRA under diffusers'
 ``load_lora_weights``, exact resumption, the prior-preservation batch, the v-prediction target, clear errors."""
 
@@ -14,8 +14,9 @@ from safetensors import safe_open
 import psoft_vision as pv
 from psoft_vision.diffusers import load_adapter_into_pipeline
 from psoft_vision.targets import PRESETS, select
-from train import dreambooth, metrics
-from train.pretrain_t2i import build_pipeline
+from train.dreambooth import metrics
+from train.dreambooth import trainer as dreambooth
+from train.offline.pretrain_t2i import build_pipeline
 
 TOL = 1e-4  # a LoRA export reproduces the adapted UNet to this relative error (fp32)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -238,7 +239,7 @@ def tiny_sd3_pipeline():
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from train.pretrain_t2i import build_tokenizer
+    from train.offline.pretrain_t2i import build_tokenizer
 
     torch.manual_seed(0)
     tokenizer = build_tokenizer()

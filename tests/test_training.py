@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import psoft_vision as pv
-from train.digits import load_digits_tensors
+from train.offline.digits import load_digits_tensors
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from train import offline_data, vtab, vtab_suite
-from train.vtab_data import Preprocess, VTABFolderError, folder_splits, read_list, write_folder
+from train.offline import data as offline_data
+from train.vtab import suite as vtab_suite
+from train.vtab import trainer as vtab
+from train.vtab.data import Preprocess, folder_splits
+from train.vtab.folder import VTABFolderError, read_list, write_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 PREPROCESS = Preprocess((32, 32), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -174,7 +177,7 @@ def test_task_folder_and_final_protocol_through_the_trainer(tmp_path):
 
 
 def test_local_weights_file_loads_the_shipped_backbone(tmp_path):
-    from train.backbone import BACKBONE_FILE
+    from train.offline.backbone import BACKBONE_FILE
 
     args = vtab.parse_args(["--model", "vit_pico_patch8_32", "--weights", str(BACKBONE_FILE)])
     from_file = vtab.create_model(args, num_classes=3).state_dict()

@@ -29,6 +29,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..common.paths import TINY_T2I
+from ..offline import backbone
+from ..offline.data import fashion_mnist
+from ..offline.pretrain_t2i import CLASSES
+from .diffusion import encode_images, load_pipeline, training_target
+from .images import generate, list_images, load_images
+from .subject import DEFAULT_CLASS_PROMPT, DEFAULT_INSTANCE_PROMPT, SUBJECT_DIR
+
 
 # ------------------------------------------------------------------------------------------------ embedders
 class ViTEmbedder:
@@ -40,9 +48,6 @@ class ViTEmbedder:
 
     def __init__(self):
         import timm
-
-        from . import backbone  # noqa: F401  registers the model
-        from .offline_data import fashion_mnist
 
         self.model = timm.create_model(backbone.BACKBONE, pretrained=True).eval()
         garments = torch.from_numpy(np.array(fashion_mnist("test")[0][:500])).float().div(255)
@@ -160,8 +165,6 @@ def noise_predictions(pipe, latents: torch.Tensor, prompt: str, draws: int = 8, 
     """``(prediction, target)`` of the pipeline's UNet on fixed noisy versions of ``latents`` under ``prompt``."""
     from diffusers import DDPMScheduler
 
-    from .dreambooth import training_target
-
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     x0, noise, timesteps = noisy_inputs(latents, draws, seed, scheduler.config.num_train_timesteps)
     embedding = pipe.encode_prompt(prompt, pipe.device, 1, False)[0].expand(len(x0), -1, -1)
@@ -176,8 +179,6 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 def load_adapted(pipeline_dir: Path, run_dir: Path | None):
     """The pipeline, with the run's adapter: ours from adapter.safetensors, PEFT LoRA from lora/."""
-    from .dreambooth import load_pipeline
-
     pipe = load_pipeline(Path(pipeline_dir), torch.device("cpu"))
     if run_dir is None:
         return pipe
@@ -194,9 +195,6 @@ def load_adapted(pipeline_dir: Path, run_dir: Path | None):
 def evaluate(run_dir: Path | None, args, embedder, vit: ViTEmbedder, base: dict | None = None) -> dict:
     """Every metric for one run (``run_dir=None``: the base model); ``base`` is the base model's result, whose
     class-prompt predictions the drift is measured against. Also returns the samples, for grids."""
-    from .dreambooth import encode_images, generate, list_images, load_images
-    from .pretrain_t2i import CLASSES
-
     pipe = load_adapted(args.pretrained_model_name_or_path, run_dir)
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     args.resolution = resolution
@@ -225,13 +223,10 @@ def evaluate(run_dir: Path | None, args, embedder, vit: ViTEmbedder, base: dict 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .dreambooth import DEFAULT_CLASS_PROMPT, DEFAULT_INSTANCE_PROMPT, DEFAULT_PIPELINE
-    from .subject import SUBJECT_DIR
-
-    p = argparse.ArgumentParser(prog="python -m train.metrics", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m train.dreambooth.metrics", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="*", type=Path, help="DreamBooth output folders (none: the base model only)")
-    p.add_argument("--pretrained_model_name_or_path", type=Path, default=DEFAULT_PIPELINE)
+    p.add_argument("--pretrained_model_name_or_path", type=Path, default=TINY_T2I)
     p.add_argument("--heldout_dir", type=Path, default=SUBJECT_DIR / "heldout")
     p.add_argument("--instance_prompt", default=DEFAULT_INSTANCE_PROMPT)
     p.add_argument("--class_prompt", default=DEFAULT_CLASS_PROMPT)

@@ -1,4 +1,5 @@
-"""Fine-tune a timm model on one VTAB-1k task: PSOFT, OFTv2, PEFT LoRA/OFT/PSOFT, full fine-tuning or linear probing.
+"""Fine-tune a timm model on one VTAB-1k task: PSOFT, OFTv2 (or any method registered with psoft_vision), PEFT
+LoRA/OFT/PSOFT, full fine-tuning or linear probing.
 
 With no arguments: the project's offline backbone (assets/) fine-tuned with PSOFT on the VTAB-offline task
 "photo-crops", on the CPU in well under a minute. The real protocol (SPEC section 8):
@@ -8,33 +9,50 @@ With no arguments: the project's offline backbone (assets/) fine-tuned with PSOF
 
 Protocols: "select" trains on train800, keeps the epoch with the best val200 accuracy and tests it; "final"
 trains on train800val200 and tests the last epoch. The output folder gets metrics.json, metrics.csv, curve.png,
-the adapter (ours: adapter.safetensors; PEFT: adapter/; full and linear: trainable.safetensors) and checkpoint/,
-from which --resume continues after an interruption exactly as if none had happened.
+the adapter (registered methods: adapter.safetensors; PEFT: adapter/; full and linear: trainable.safetensors) and
+checkpoint/, from which --resume continues after an interruption exactly as if none had happened.
 """
 
 import argparse
-import csv
-import json
-import math
-import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
-OURS = ("psoft", "oft")
+import psoft_vision as pv
+
+from ..common.checkpoint import find_checkpoint, load_checkpoint, write_checkpoint
+from ..common.methods import build_config, method_choices, registered
+from ..common.metrics_files import recorded_args, write_csv, write_json
+from ..common.schedule import cosine_with_warmup
+from ..offline import backbone  # noqa: F401  registers the offline backbone with timm
+from .data import Preprocess, folder_splits, offline_splits
+
 PEFT = ("lora", "peft-oft", "peft-psoft")
-METHODS = (*OURS, *PEFT, "full", "linear")
+#: The trainer's own methods beside every registered one (see train/common/methods.py).
+BASELINES = (*PEFT, "full", "linear")
 DEFAULT_MODEL = "vit_pico_patch8_32.fmnist"
 DEFAULT_TASK = "photo-crops"
 #: What the committed learning-rate search on VTAB-offline chose for the offline backbone (docs/vtab_offline.md);
 #: linear probing trains the head only, so its --lr is never used.
 DEFAULT_LR = {"psoft": 2e-2, "oft": 5e-3, "lora": 2e-2, "peft-oft": 2e-2, "peft-psoft": 2e-2, "full": 3e-3,
               "linear": 5e-3}
+#: The learning rate of a method missing from DEFAULT_LR (a newly registered one, not searched yet): the middle of
+#: the suite's grid for adapters.
+FALLBACK_LR = 5e-3
 DEFAULT_HEAD_LR = {"linear": 0.3}
+
+
+def __getattr__(name: str):
+    """``METHODS``: every registered method, then the baselines, read when asked for (a method registered later is
+    in it)."""
+    if name == "METHODS":
+        return method_choices(BASELINES)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,12 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     source = g.add_mutually_exclusive_group()
     source.add_argument("--data-dir", type=Path, help="a VTAB-1k task folder (list files + images/)")
-    source.add_argument("--task", help=f"a VTAB-offline task (default {DEFAULT_TASK}); see train/offline_data.py")
+    source.add_argument("--task", help=f"a VTAB-offline task (default {DEFAULT_TASK}); see train/offline/data.py")
     g.add_argument("--protocol", choices=("select", "final"), default="select",
                    help="select: train800, best val200 epoch tested; final: train800val200, last epoch tested")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for task folders")
     g = p.add_argument_group("method")
-    g.add_argument("--method", choices=METHODS, default="psoft", help="lora, peft-oft and peft-psoft run PEFT")
+    g.add_argument("--method", choices=method_choices(BASELINES), default="psoft",
+                   help="lora, peft-oft and peft-psoft run PEFT")
     g.add_argument("--rank", type=int, default=24, help="PSOFT rank r, ours and PEFT's (SPEC for ViT-B/16: 46)")
     g.add_argument("--block-size", type=int, default=32, help="OFT block size, ours and PEFT's")
     g.add_argument("--lora-rank", type=int, default=8)
@@ -69,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=64, help="global batch size, split across processes")
     g.add_argument("--eval-batch-size", type=int, default=256)
     g.add_argument("--lr", type=float, help="learning rate of adapters (or of the whole network); default: the "
-                   "method's value in DEFAULT_LR, searched for the offline backbone (SPEC for ViT-B/16: 5e-4)")
+                   f"method's value in DEFAULT_LR, searched for the offline backbone, else {FALLBACK_LR:g} (SPEC for "
+                   "ViT-B/16: 5e-4)")
     g.add_argument("--head-lr", type=float, help="learning rate of the new classifier head (default 5e-3; linear "
                    "probing 0.3, as searched)")
     g.add_argument("--weight-decay", type=float, default=1e-3)
@@ -93,7 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.data_dir is None and args.task is None:
         args.task = DEFAULT_TASK
     if args.lr is None:
-        args.lr = DEFAULT_LR[args.method]
+        args.lr = DEFAULT_LR.get(args.method, FALLBACK_LR)
     if args.head_lr is None:
         args.head_lr = DEFAULT_HEAD_LR.get(args.method, 5e-3)
     if args.output_dir is None:
@@ -106,8 +126,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def create_model(args, num_classes: int):
     import timm
 
-    from . import backbone  # noqa: F401  registers the offline backbone with timm
-
     overlay = None
     if args.weights is not None:
         if not args.weights.is_file():
@@ -119,13 +137,10 @@ def create_model(args, num_classes: int):
 
 def apply_method(model, args):
     """The model with the method's trainable parts; only those require gradients."""
-    import psoft_vision as pv
-
     trained = [model.pretrained_cfg.get("classifier", "head"), *args.train_modules]
-    if args.method in OURS:
-        config = pv.PSOFTConfig(rank=args.rank) if args.method == "psoft" else pv.OFTConfig(block_size=args.block_size)
-        config.dropout, config.train_modules = args.adapter_dropout, tuple(trained)
-        return pv.inject(model, config)
+    method = registered(args.method)
+    if method is not None:
+        return pv.inject(model, build_config(method, args, dropout=args.adapter_dropout, train_modules=tuple(trained)))
     if args.method == "linear":
         model.requires_grad_(False)
         for name in trained:
@@ -133,6 +148,11 @@ def apply_method(model, args):
         return model
     if args.method == "full":
         return model
+    return apply_peft(model, args, trained)
+
+
+def apply_peft(model, args, trained: list[str]):
+    """PEFT's LoRA, OFT or PSOFT on the layers ours adapts, the head and --train-modules in modules_to_save."""
     import peft
 
     from psoft_vision.targets import PRESETS, auto_preset, select
@@ -179,23 +199,78 @@ class EpochSampler(Sampler):
         return iter(torch.randperm(self.size, generator=gen).tolist())
 
 
-def cosine_with_warmup(total_steps: int, warmup_steps: int):
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
 def load_data(args, preprocess):
-    from .vtab_data import folder_splits, offline_splits
-
     train_split, eval_split = ("train800", "val200") if args.protocol == "select" else ("train800val200", None)
     if args.data_dir is not None:
         return folder_splits(args.data_dir, train_split, eval_split, preprocess)
     return offline_splits(args.task, train_split, eval_split, preprocess)
+
+
+def make_optimizer(model, head: str, args) -> torch.optim.Optimizer:
+    """AdamW with the head at --head-lr and everything else trainable at --lr."""
+    groups = [{"params": [], "lr": args.lr}, {"params": [], "lr": args.head_lr}]
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups[is_head(name, head)]["params"].append(p)
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=args.weight_decay)
+
+
+def make_loaders(args, train_set, eval_set, test_set) -> tuple[DataLoader, DataLoader | None, DataLoader]:
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=EpochSampler(len(train_set), args.seed),
+                              num_workers=args.num_workers)
+    eval_loader = (DataLoader(eval_set, batch_size=args.eval_batch_size, num_workers=args.num_workers)
+                   if eval_set is not None else None)
+    test_loader = DataLoader(test_set, batch_size=args.eval_batch_size, num_workers=args.num_workers)
+    return train_loader, eval_loader, test_loader
+
+
+@dataclass
+class Training:
+    """What the epoch loop works with, made once by :func:`build`."""
+
+    accelerator: object
+    model: torch.nn.Module  # prepared by accelerate
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    train_loader: DataLoader
+    eval_loader: DataLoader | None  # None under the final protocol
+    test_loader: DataLoader
+    trainable_params: dict[str, torch.nn.Parameter]  # of the unwrapped model
+    classes: int
+    trainable: int  # numbers trained outside the head
+    head_params: int
+    setup_s: float  # the time the method took to apply
+
+
+def build(args, accelerator) -> Training:
+    """The data, the model with its method, the optimiser, the schedule and the loaders, prepared by accelerate."""
+    from accelerate.utils import set_seed
+
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    probe = create_model(args, num_classes=2)  # only for its data config: num_classes comes from the data
+    train_set, eval_set, test_set, classes = load_data(args, Preprocess.for_model(probe))
+    del probe
+    set_seed(args.seed)
+    model = create_model(args, num_classes=classes)
+    head = model.pretrained_cfg.get("classifier", "head")
+    start = time.perf_counter()
+    model = apply_method(model, args)
+    setup_s = time.perf_counter() - start
+    trainable, head_params = count_trainable(model, head)
+
+    optimizer = make_optimizer(model, head, args)
+    train_loader, eval_loader, test_loader = make_loaders(args, train_set, eval_set, test_set)
+    total_steps = args.epochs * len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_with_warmup(total_steps, int(args.warmup * total_steps)))
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    eval_loader, test_loader = (accelerator.prepare(loader) if loader is not None else None
+                                for loader in (eval_loader, test_loader))
+    trainable_params = {n: p for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+    return Training(accelerator, model, optimizer, scheduler, train_loader, eval_loader, test_loader,
+                    trainable_params, classes, trainable, head_params, setup_s)
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -211,38 +286,73 @@ def evaluate(model, loader, accelerator) -> float:
     return correct / total
 
 
-def _write_checkpoint(accelerator, folder: Path, state: dict, best: dict | None) -> None:
-    """Save to checkpoint.tmp, then swap it in: an interruption leaves the previous checkpoint whole."""
-    from safetensors.torch import save_file
-
-    tmp, old = folder.with_name("checkpoint.tmp"), folder.with_name("checkpoint.old")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-        if best is not None:
-            save_file(best, tmp / "best.safetensors")
-        if folder.exists():
-            folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+def resume(t: Training, args) -> tuple[dict, dict | None]:
+    """The trainer state and the best epoch's tensors: a new run's (with the accuracy before training), or those of
+    the checkpoint --resume finds (with accelerate's state loaded)."""
+    state = dict(epoch=0, history=[], best_val=-1.0, best_epoch=None, train_s=0.0, start_val=None)
+    best = None
+    found = find_checkpoint(Path(args.output_dir)) if args.resume else None
+    if found is not None:
+        state, best = load_checkpoint(t.accelerator, found)
+        t.accelerator.print(f"resumed from {found} after epoch {state['epoch']}")
+    if state["epoch"] == 0 and t.eval_loader is not None:
+        state["start_val"] = evaluate(t.model, t.eval_loader, t.accelerator)
+    return state, best
 
 
-def _find_checkpoint(output_dir: Path) -> Path | None:
-    for name in ("checkpoint", "checkpoint.old"):  # .old survives only an interruption during the swap
-        if (output_dir / name / "trainer_state.json").is_file():
-            return output_dir / name
-    return None
+def train_epoch(t: Training, args, epoch: int) -> tuple[float, float]:
+    """One pass over the training set; returns the mean loss and the seconds it took."""
+    from tqdm.auto import tqdm
+
+    t.model.train()
+    t.train_loader.set_epoch(epoch)
+    epoch_start, losses = time.perf_counter(), []
+    bar = tqdm(t.train_loader, desc=f"{args.method} epoch {epoch + 1}/{args.epochs}", leave=False,
+               disable=args.quiet or not t.accelerator.is_local_main_process)
+    for x, y in bar:
+        loss = F.cross_entropy(t.model(x), y)
+        t.accelerator.backward(loss)
+        t.optimizer.step()
+        t.scheduler.step()
+        t.optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return sum(losses) / len(losses), time.perf_counter() - epoch_start
 
 
-def _save_result(model, method: str, head: str, output_dir: Path) -> Path:
-    import psoft_vision as pv
+def train(t: Training, args, state: dict, best: dict | None) -> dict | None:
+    """Epochs from ``state["epoch"]`` to the end or to --stop-after-epochs more, each checkpointed; ``state`` is
+    updated in place and the best epoch's trainable tensors (by val200 accuracy) are returned."""
+    from psoft_vision.memory import reset_peak_memory
+
+    reset_peak_memory(t.accelerator.device)
+    stop_at = args.epochs if args.stop_after_epochs is None else min(args.epochs,
+                                                                     state["epoch"] + args.stop_after_epochs)
+    for epoch in range(state["epoch"], stop_at):
+        train_loss, seconds = train_epoch(t, args, epoch)
+        state["train_s"] += seconds
+        row = dict(epoch=epoch + 1, train_loss=train_loss, lr=t.scheduler.get_last_lr()[0], val_acc=None,
+                   seconds=round(seconds, 3))
+        if t.eval_loader is not None:
+            row["val_acc"] = evaluate(t.model, t.eval_loader, t.accelerator)
+            if row["val_acc"] > state["best_val"]:
+                state["best_val"], state["best_epoch"] = row["val_acc"], epoch + 1
+                best = {n: p.detach().clone().contiguous() for n, p in t.trainable_params.items()}
+        state["history"].append(row)
+        state["epoch"] = epoch + 1
+        write_checkpoint(t.accelerator, Path(args.output_dir) / "checkpoint", state, best)
+        if not args.quiet:
+            val = f", val200 {row['val_acc']:.3f}" if row["val_acc"] is not None else ""
+            t.accelerator.print(f"epoch {epoch + 1}: train loss {row['train_loss']:.3f}{val}")
+    return best
+
+
+# ---------------------------------------------------------------------------------------------- finishing
+def save_result(model, method: str, output_dir: Path) -> Path:
+    """A registered method's adapter file, PEFT's adapter folder, or the trainable tensors of full and linear."""
     from psoft_vision.files import atomic_write
 
-    if method in OURS:
+    if registered(method) is not None:
         return pv.save_adapter(model, output_dir / "adapter.safetensors")
     if method in PEFT:
         model.save_pretrained(output_dir / "adapter")
@@ -276,130 +386,53 @@ def _plot(history: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def finish(t: Training, args, state: dict, best: dict | None) -> dict:
+    """Test the selected epoch (the best by val200, else the last); the main process saves the result, metrics.json,
+    metrics.csv and curve.png."""
+    from psoft_vision.memory import peak_memory_mib
+
+    accelerator, output_dir = t.accelerator, Path(args.output_dir)
+    if best is not None:
+        with torch.no_grad():
+            for name, value in best.items():
+                t.trainable_params[name].copy_(value)
+    test_acc = evaluate(t.model, t.test_loader, accelerator)
+    checksum = torch.stack([p.detach().double().sum() for p in t.trainable_params.values()]).sum()
+    rank_checksums = accelerator.gather(checksum.to(accelerator.device).reshape(1)).tolist()
+    metrics = dict(
+        task=args.task or str(args.data_dir), model=args.model, method=args.method, seed=args.seed,
+        protocol=args.protocol, classes=t.classes, trainable=t.trainable, head_params=t.head_params,
+        test_acc=test_acc, start_val=state["start_val"],
+        best_val=state["best_val"] if t.eval_loader is not None else None, best_epoch=state["best_epoch"],
+        epochs=args.epochs, setup_s=round(t.setup_s, 3), train_s=round(state["train_s"], 2),
+        peak_mib=round(peak_memory_mib(accelerator.device), 1), processes=accelerator.num_processes,
+        rank_checksums=rank_checksums, history=state["history"], finished=True, args=recorded_args(args),
+    )
+    if accelerator.is_main_process:
+        metrics["saved"] = str(save_result(accelerator.unwrap_model(t.model), args.method, output_dir))
+        write_json(output_dir / "metrics.json", metrics)
+        write_csv(output_dir / "metrics.csv", state["history"])
+        _plot(state["history"], output_dir / "curve.png", f"{metrics['task']}: {args.method}")
+    accelerator.wait_for_everyone()
+    return metrics
+
+
 def run(args: argparse.Namespace) -> dict:
     """Train, select, test and save one configuration; returns the metrics that metrics.json holds."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
-    from tqdm.auto import tqdm
-
-    from psoft_vision.memory import peak_memory_mib, reset_peak_memory
-
-    from .vtab_data import Preprocess
+    from accelerate.utils import DataLoaderConfiguration
 
     # split_batches: --batch-size is the global batch, so N processes train exactly what one process trains.
     # (accelerate 1.15 ignores Accelerator(split_batches=True); only the DataLoaderConfiguration is honoured.)
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu,
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
-    set_seed(args.seed)
-    output_dir = Path(args.output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-
-    probe = create_model(args, num_classes=2)  # only for its data config: num_classes comes from the data
-    train_set, eval_set, test_set, classes = load_data(args, Preprocess.for_model(probe))
-    del probe
-    set_seed(args.seed)
-    model = create_model(args, num_classes=classes)
-    head = model.pretrained_cfg.get("classifier", "head")
-    start = time.perf_counter()
-    model = apply_method(model, args)
-    setup_s = time.perf_counter() - start
-    trainable, head_params = count_trainable(model, head)
-
-    groups = [{"params": [], "lr": args.lr}, {"params": [], "lr": args.head_lr}]
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            groups[is_head(name, head)]["params"].append(p)
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=args.weight_decay)
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=EpochSampler(len(train_set), args.seed),
-                              num_workers=args.num_workers)
-    eval_loader = (DataLoader(eval_set, batch_size=args.eval_batch_size, num_workers=args.num_workers)
-                   if eval_set is not None else None)
-    test_loader = DataLoader(test_set, batch_size=args.eval_batch_size, num_workers=args.num_workers)
-    total_steps = args.epochs * len(train_loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(total_steps, int(args.warmup * total_steps)))
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
-    eval_loader, test_loader = (accelerator.prepare(loader) if loader is not None else None
-                                for loader in (eval_loader, test_loader))
-
-    state = dict(epoch=0, history=[], best_val=-1.0, best_epoch=None, train_s=0.0, start_val=None)
-    best = None
-    checkpoint = output_dir / "checkpoint"
-    found = _find_checkpoint(output_dir) if args.resume else None
-    if found is not None:
-        accelerator.load_state(str(found))
-        state = json.loads((found / "trainer_state.json").read_text())
-        if (found / "best.safetensors").is_file():
-            from safetensors.torch import load_file
-
-            best = load_file(found / "best.safetensors")
-        accelerator.print(f"resumed from {found} after epoch {state['epoch']}")
-
-    if state["epoch"] == 0 and eval_loader is not None:
-        state["start_val"] = evaluate(model, eval_loader, accelerator)
-    reset_peak_memory(accelerator.device)
-    trainable_params = {n: p for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-    stop_at = args.epochs if args.stop_after_epochs is None else min(args.epochs,
-                                                                     state["epoch"] + args.stop_after_epochs)
-    for epoch in range(state["epoch"], stop_at):
-        model.train()
-        train_loader.set_epoch(epoch)
-        epoch_start, losses = time.perf_counter(), []
-        bar = tqdm(train_loader, desc=f"{args.method} epoch {epoch + 1}/{args.epochs}", leave=False,
-                   disable=args.quiet or not accelerator.is_local_main_process)
-        for x, y in bar:
-            loss = F.cross_entropy(model(x), y)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        state["train_s"] += time.perf_counter() - epoch_start
-        row = dict(epoch=epoch + 1, train_loss=sum(losses) / len(losses), lr=scheduler.get_last_lr()[0],
-                   val_acc=None, seconds=round(time.perf_counter() - epoch_start, 3))
-        if eval_loader is not None:
-            row["val_acc"] = evaluate(model, eval_loader, accelerator)
-            if row["val_acc"] > state["best_val"]:
-                state["best_val"], state["best_epoch"] = row["val_acc"], epoch + 1
-                best = {n: p.detach().clone().contiguous() for n, p in trainable_params.items()}
-        state["history"].append(row)
-        state["epoch"] = epoch + 1
-        _write_checkpoint(accelerator, checkpoint, state, best)
-        if not args.quiet:
-            val = f", val200 {row['val_acc']:.3f}" if row["val_acc"] is not None else ""
-            accelerator.print(f"epoch {epoch + 1}: train loss {row['train_loss']:.3f}{val}")
+    training = build(args, accelerator)
+    state, best = resume(training, args)
+    best = train(training, args, state, best)
     if state["epoch"] < args.epochs:
         accelerator.print(f"stopped after epoch {state['epoch']} of {args.epochs}; continue with --resume")
         return dict(state, finished=False)
-
-    if best is not None:
-        with torch.no_grad():
-            for name, value in best.items():
-                trainable_params[name].copy_(value)
-    test_acc = evaluate(model, test_loader, accelerator)
-    checksum = torch.stack([p.detach().double().sum() for p in trainable_params.values()]).sum()
-    rank_checksums = accelerator.gather(checksum.to(accelerator.device).reshape(1)).tolist()
-    metrics = dict(
-        task=args.task or str(args.data_dir), model=args.model, method=args.method, seed=args.seed,
-        protocol=args.protocol, classes=classes, trainable=trainable, head_params=head_params, test_acc=test_acc,
-        start_val=state["start_val"], best_val=state["best_val"] if eval_loader is not None else None,
-        best_epoch=state["best_epoch"], epochs=args.epochs, setup_s=round(setup_s, 3),
-        train_s=round(state["train_s"], 2), peak_mib=round(peak_memory_mib(accelerator.device), 1),
-        processes=accelerator.num_processes, rank_checksums=rank_checksums, history=state["history"], finished=True,
-        args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-    )
-    if accelerator.is_main_process:
-        metrics["saved"] = str(_save_result(accelerator.unwrap_model(model), args.method, head, output_dir))
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        with open(output_dir / "metrics.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(state["history"][0]))
-            writer.writeheader()
-            writer.writerows(state["history"])
-        _plot(state["history"], output_dir / "curve.png", f"{metrics['task']}: {args.method}")
-    accelerator.wait_for_everyone()
-    return metrics
+    return finish(training, args, state, best)
 
 
 def summary_line(m: dict) -> str:
@@ -426,6 +459,3 @@ def main(argv=None) -> dict:
               f"{other['test_acc']:.3f}; adapter saved to {metrics['saved']}")
     return metrics
 
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,7 @@
 """Methods x tasks x seeds of the VTAB trainer, then one table, one CSV and one chart.
 
-    python -m train.vtab_suite --out runs/vtab-suite --search photo-crops,textures,count   # the committed run
-    python -m train.vtab_suite --tasks rotation --methods psoft,lora --seeds 0 --extra "--epochs 5"
+    python -m train.vtab.suite --out runs/vtab-suite --search photo-crops,textures,count   # the committed run
+    python -m train.vtab.suite --tasks rotation --methods psoft,lora --seeds 0 --extra "--epochs 5"
 
 Every run lands in <out>/<task>/<method>-seed<seed>/ (see train.vtab); a run whose metrics.json exists is not run
 again, so an interrupted suite continues where it stopped. --search first picks each method's learning rate on
@@ -17,25 +17,36 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from .offline_data import TASKS
-from .vtab import METHODS, parse_args, run
+from ..common.methods import method_choices, registered
+from ..common.metrics_files import recorded_args
+from ..offline.data import TASKS
+from .trainer import BASELINES, parse_args, run
 
 #: Learning rates tried per method by --search (seed 0, the best mean val200 accuracy wins, the grid growing upward
 #: while the best is its largest); the linear probe searches the head's learning rate, every other method its own
-#: with the head at 5e-3.
+#: with the head at 5e-3. Registered methods (ours) search ADAPTER_LRS.
 ADAPTER_LRS = (1e-3, 5e-3, 2e-2, 5e-2)
 LR_GRID = {
-    "psoft": ("--lr", ADAPTER_LRS),
-    "oft": ("--lr", ADAPTER_LRS),
     "lora": ("--lr", ADAPTER_LRS),
     "peft-oft": ("--lr", ADAPTER_LRS),
     "peft-psoft": ("--lr", ADAPTER_LRS),
     "full": ("--lr", (1e-4, 3e-4, 1e-3, 3e-3)),
     "linear": ("--head-lr", (5e-3, 2e-2, 5e-2, 1e-1)),
 }
-LABELS = {"psoft": "ours PSOFT", "oft": "ours OFTv2", "lora": "PEFT LoRA r=8", "peft-oft": "PEFT OFT",
-          "peft-psoft": "PEFT PSOFT", "full": "full fine-tuning", "linear": "linear probing"}
+#: The baselines' names in tables and charts; a registered method is "ours <its display name>".
+LABELS = {"lora": "PEFT LoRA r=8", "peft-oft": "PEFT OFT", "peft-psoft": "PEFT PSOFT", "full": "full fine-tuning",
+          "linear": "linear probing"}
 GROUPS = ("natural", "specialized", "structured")
+
+
+def lr_grid(method: str) -> tuple[str, tuple[float, ...]]:
+    """The flag and the learning rates --search starts from for ``method``."""
+    return ("--lr", ADAPTER_LRS) if registered(method) is not None else LR_GRID[method]
+
+
+def label(method: str) -> str:
+    found = registered(method)
+    return f"ours {found.display_name or found.name}" if found is not None else LABELS.get(method, method)
 
 
 class StaleRunError(ValueError):
@@ -47,11 +58,9 @@ def _run_once(folder: Path, argv: list[str]) -> dict:
     done = folder / "metrics.json"
     if done.is_file():
         metrics = json.loads(done.read_text())
-        def plain(namespace):
-            return {k: str(v) if isinstance(v, Path) else v for k, v in vars(namespace).items()}
-
-        recorded = {**plain(parse_args([])), **metrics["args"]}  # options newer than the run were at their default
-        differ = sorted(k for k, v in plain(args).items() if recorded[k] != v)
+        # options newer than the run were at their default
+        recorded = {**recorded_args(parse_args([])), **metrics["args"]}
+        differ = sorted(k for k, v in recorded_args(args).items() if recorded[k] != v)
         if differ:
             raise StaleRunError(f"{done} was run with other settings ({', '.join(differ)}); delete that folder or "
                                 "choose another --out")
@@ -71,7 +80,7 @@ def search(out: Path, methods, tasks, extra: list[str], max_extensions: int = 2)
     the largest tried, the grid grows by a factor of 3 (at most ``max_extensions`` times)."""
     chosen = {}
     for method in methods:
-        flag, grid = LR_GRID[method]
+        flag, grid = lr_grid(method)
         grid, val = list(grid), {}
         while True:
             for lr in grid:
@@ -81,7 +90,7 @@ def search(out: Path, methods, tasks, extra: list[str], max_extensions: int = 2)
                             for task in tasks]
                     val[lr] = statistics.mean(r["best_val"] for r in runs)
             best = max(grid, key=val.get)
-            if best != grid[-1] or len(grid) == len(LR_GRID[method][1]) + max_extensions:
+            if best != grid[-1] or len(grid) == len(lr_grid(method)[1]) + max_extensions:
                 break
             grid.append(float(f"{grid[-1] * 3:.3g}"))
         chosen[method] = [flag, str(best)]
@@ -137,7 +146,7 @@ def aggregate(results: list[dict]) -> list[dict]:
             groups=groups, score=statistics.mean(scores) if scores else float("nan"),
             score_std=statistics.stdev(scores) if len(scores) > 1 else 0.0,
         ))
-    order = {m: i for i, m in enumerate(METHODS)}
+    order = {m: i for i, m in enumerate(method_choices(BASELINES))}
     return sorted(rows, key=lambda row: order.get(row["method"], len(order)))
 
 
@@ -147,7 +156,7 @@ def markdown(rows: list[dict]) -> str:
     header = ["method", "trainable", *tasks, *groups, "score"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = [LABELS.get(r["method"], r["method"]), f"{r['trainable']:,}"]
+        cells = [label(r["method"]), f"{r['trainable']:,}"]
         cells += [f"{r['task_mean'][t]:.1f} ± {r['task_std'][t]:.1f}" if t in r["task_mean"] else "" for t in tasks]
         cells += [f"{r['groups'][g]:.1f}" if g in r["groups"] else "" for g in groups]
         cells.append(f"**{r['score']:.1f} ± {r['score_std']:.1f}**")
@@ -163,10 +172,10 @@ def chart(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for r in rows:
-        x, ours = max(r["trainable"], 1), r["method"] in ("psoft", "oft")
+        x, ours = max(r["trainable"], 1), registered(r["method"]) is not None
         ax.errorbar(x, r["score"], yerr=r["score_std"], fmt="o", capsize=3, color="tab:red" if ours else "tab:gray")
         # ours above, PEFT's below: ours and PEFT's version of a method train the same numbers, so share an x
-        ax.annotate(LABELS.get(r["method"], r["method"]), (x, r["score"]), textcoords="offset points",
+        ax.annotate(label(r["method"]), (x, r["score"]), textcoords="offset points",
                     xytext=(6, 5 if ours else -11), fontsize=8)
     ax.set_xscale("symlog", linthresh=100)
     ax.set_xlabel("trainable parameters outside the head (log)")
@@ -193,10 +202,11 @@ def write_reports(results: list[dict], out: Path) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m train.vtab_suite", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m train.vtab.suite", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/vtab-suite"))
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    known = method_choices(BASELINES)
+    parser.add_argument("--methods", default=",".join(known), help=f"comma-separated, from {', '.join(known)}")
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated VTAB-offline tasks (default all)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--extra", default="", help="more train.vtab arguments for every run, one quoted string")
@@ -206,8 +216,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     methods, tasks = args.methods.split(","), args.tasks.split(",")
     for method in methods:
-        if method not in METHODS:
-            parser.error(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if method not in known:
+            parser.error(f"unknown method {method!r}; choose from {', '.join(known)}")
     for task in tasks:
         if task not in TASKS:
             parser.error(f"unknown task {task!r}; choose from {', '.join(TASKS)}")

@@ -1,7 +1,7 @@
 """Pretrain the offline backbone ``vit_pico_patch8_32`` on the Fashion-MNIST *train* split (60k images).
 
     apt-get install dataset-fashion-mnist
-    python -m train.pretrain_backbone --epochs 8 --seed 0
+    python -m train.offline.pretrain_backbone --epochs 8 --seed 0
 
 Writes ``assets/vit_pico_patch8_32.fmnist.safetensors`` (fp16) and prints the test accuracy for the model card.
 Augmentation: random translation (pad 4, crop), horizontal flip and a random colour tint, so that the features are
@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from . import backbone
-from .offline_data import fashion_mnist
+from .data import fashion_mnist
 
 
 def to_batch(images: np.ndarray) -> torch.Tensor:
@@ -43,7 +43,8 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m train.offline.pretrain_backbone", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)

@@ -1,10 +1,10 @@
 """Ours PSOFT, ours OFTv2 and PEFT LoRA r=4 on the default DreamBooth subject, with the same data, steps and seed.
 
-    python -m train.dreambooth_compare --out runs/dreambooth-compare --doc docs/dreambooth_offline.md --ship
+    python -m train.dreambooth.compare --out runs/dreambooth-compare --doc docs/dreambooth_offline.md --ship
 
 Each method trains in its own process (``python -m train.dreambooth`` with its defaults, so the PSOFT run is exactly
 the default run), which makes the peak resident memory its own; class images are generated once and shared. Then
-train/metrics.py scores the base model and every run on the same seeds. Writes ``<out>/compare.json``, the
+train/dreambooth/metrics.py scores the base model and every run on the same seeds. Writes ``<out>/compare.json``, the
 markdown table (``--doc``) with a sample grid beside it, and with ``--ship`` copies the PSOFT adapter and its LoRA
 export to ``assets/dreambooth-psoft.safetensors`` and ``assets/dreambooth-psoft-lora.safetensors``.
 """
@@ -19,9 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .dreambooth import ASSETS, image_grid, list_images, load_images, save_png
+from ..common.paths import ASSETS
+from .images import image_grid, list_images, load_images, save_png
 from .metrics import NUMBERS, evaluate_runs
 from .metrics import build_parser as metrics_parser
+from .subject import SUBJECT_DIR
 
 RUNS = (("psoft", "ours PSOFT"), ("oft", "ours OFTv2"), ("lora", "PEFT LoRA r=4"))
 LABELS = dict(RUNS, base="base model")
@@ -58,7 +60,8 @@ def table(rows: list[tuple[str, dict, dict | None]]) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m train.dreambooth.compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/dreambooth-compare"))
     parser.add_argument("--doc", type=Path, help="write the markdown table here, and the sample grid beside it")
     parser.add_argument("--ship", action="store_true", help="copy the PSOFT adapter and LoRA into assets/")
@@ -86,7 +89,7 @@ def main(argv=None) -> dict:
     print(table(rows))
     if args.doc:
         to_hwc = lambda t: t.permute(0, 2, 3, 1).numpy()  # noqa: E731
-        subject = (load_images(list_images(ASSETS / "subject" / "coffee" / "train", "subject"), 32) + 1) / 2
+        subject = (load_images(list_images(SUBJECT_DIR / "train", "subject"), 32) + 1) / 2
         grid = image_grid([to_hwc(scores[n]["instance_samples"]) for n in order]
                           + [to_hwc(scores[n]["class_samples"]) for n in order])
         samples = args.doc.with_name(args.doc.stem + "_samples.png")
@@ -109,22 +112,22 @@ def document(rows, samples: str, margs, trained: dict) -> str:
                 f"resolution {a['resolution']}, seed {a['seed']}, AdamW with {a['lr_warmup_steps']} warm-up steps "
                 f"and a cosine decay; PSOFT r={a['rank']} at lr {lr['psoft']:g}, OFTv2 block size {a['block_size']} "
                 f"at lr {lr['oft']:g}, LoRA r={a['lora_rank']} (alpha {a['lora_rank']}) at lr {lr['lora']:g} "
-                "(`DEFAULT_LR` in `train/dreambooth.py`; one run each, no search); all three on the layers of the "
-                f"`{a['targets']}` target preset (the UNet's attention, feed-forward and proj_in/proj_out)")
+                "(`DEFAULT_LR` in `train/dreambooth/trainer.py`; one run each, no search); all three on the layers of "
+                f"the `{a['targets']}` target preset (the UNet's attention, feed-forward and proj_in/proj_out)")
     return f"""# DreamBooth offline: ours PSOFT, ours OFTv2 and PEFT LoRA on one subject
 
 Subject: six views of scikit-image's `coffee` photograph (a red espresso cup), `"{a['instance_prompt']}"`, with
 prior preservation on `"{a['class_prompt']}"`; base pipeline `assets/tiny-t2i` (a tiny Stable Diffusion pretrained
-by `train/pretrain_t2i.py` on Fashion-MNIST, [model card](../assets/tiny-t2i/MODEL_CARD.md)). Settings: {settings}.
-CPU (2 cores), fp32.
+by `train/offline/pretrain_t2i.py` on Fashion-MNIST, [model card](../assets/tiny-t2i/MODEL_CARD.md)).
+Settings: {settings}. CPU (2 cores), fp32.
 
 ```bash
-python -m train.dreambooth_compare --out runs/dreambooth-compare --doc docs/dreambooth_offline.md --ship
+python -m train.dreambooth.compare --out runs/dreambooth-compare --doc docs/dreambooth_offline.md --ship
 ```
 
 {table(rows)}
 
-Columns (train/metrics.py; proxies, honestly named, on {margs.num_samples} seeds shared by every row):
+Columns (train/dreambooth/metrics.py; proxies, honestly named, on {margs.num_samples} seeds shared by every row):
 - **subject sim**: mean cosine similarity between the project ViT's centred features of the instance prompt's samples
   and of the two held-out views of the cup (a stand-in for DreamBooth's DINO score; the ViT knows garments, not cups);
 - **colour dist**: total-variation distance between the colour histograms of those samples and of the held-out views

@@ -1,7 +1,7 @@
 """Pretrain the offline text-to-image pipeline ``assets/tiny-t2i`` (a tiny Stable Diffusion) on Fashion-MNIST.
 
     apt-get install dataset-fashion-mnist
-    python -m train.pretrain_t2i --vae-steps 1500 --unet-steps 6000 --seed 0
+    python -m train.offline.pretrain_t2i --vae-steps 1500 --unet-steps 6000 --seed 0
 
 Everything is built from configs, offline:
   * a word-level CLIP tokenizer made from a vocabulary in this file (no files downloaded);
@@ -26,11 +26,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .offline_data import fashion_mnist
-from .vtab import cosine_with_warmup
+from ..common.paths import TINY_T2I
+from ..common.schedule import cosine_with_warmup
+from .data import fashion_mnist
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-PIPELINE_DIR = ASSETS / "tiny-t2i"
 CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 #: Whole-word tokens; any other text falls back to single characters. "sks" is the rare DreamBooth identifier:
 #: a token of its own that no caption of the pretraining data contains.
@@ -230,8 +229,9 @@ def sample_grid(pipe, path: Path, seed: int = 0, per_class: int = 4) -> None:
                                                                   Image.NEAREST).save(path)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m train.offline.pretrain_t2i", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vae-steps", type=int, default=1500)
     parser.add_argument("--unet-steps", type=int, default=6000)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -247,8 +247,12 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", help="torch device for training and sampling (cpu, cuda)")
     parser.add_argument("--init", type=Path, help="continue from this saved pipeline (with --vae-steps 0: keep its "
                         "VAE and train the UNet further); its training.json goes into the new one's stages")
-    parser.add_argument("--output", type=Path, default=PIPELINE_DIR)
-    args = parser.parse_args(argv)
+    parser.add_argument("--output", type=Path, default=TINY_T2I)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
 
     start = time.time()
     deadline = start + 60 * args.minutes if args.minutes else None

@@ -1,21 +1,19 @@
 """The project's own offline backbone, registered with timm like any hub model.
 
 ``vit_pico_patch8_32`` is a six-block ViT for 32x32 images (4x4 patches of 8x8 pixels, width 128). Its tag
-``.fmnist`` is the checkpoint shipped in ``assets/`` (trained by ``python -m train.pretrain_backbone``), so the
+``.fmnist`` is the checkpoint shipped in ``assets/`` (trained by ``python -m train.offline.pretrain_backbone``), so the
 ordinary timm path loads it with no network::
 
-    import train.backbone  # registers the name
+    import train.offline.backbone  # registers the name
     model = timm.create_model("vit_pico_patch8_32.fmnist", pretrained=True, num_classes=7)
 """
-
-from pathlib import Path
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from .offline_data import FASHION
+from ..common.paths import ASSETS
+from .data import FASHION
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BACKBONE_FILE = ASSETS / "vit_pico_patch8_32.fmnist.safetensors"
 BACKBONE = "vit_pico_patch8_32.fmnist"
 

@@ -9,8 +9,8 @@ Sources (all real photographs or scans, none synthetic):
 Every task has 800 train, 200 val and 2000 test images of 32x32 RGB, drawn from disjoint source material per split
 (disjoint Fashion-MNIST images or digit glyphs, disjoint tiles of each photograph), with balanced labels.
 
-    python -m train.offline_data --export runs/vtab-offline   # writes every task in the VTAB-1k folder layout
-    python -m train.offline_data --preview docs/vtab_offline_tasks.png
+    python -m train.offline.data --export runs/vtab-offline   # writes every task in the VTAB-1k folder layout
+    python -m train.offline.data --preview docs/vtab_offline_tasks.png
 """
 
 import argparse
@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+from ..common.paths import ASSETS
+from ..vtab.folder import write_folder
+
 FASHION_TEST = ASSETS / "data"
 FASHION_TRAIN = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
 SIZE = 32
@@ -234,8 +236,6 @@ def task_split(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def export_vtab_folder(name: str, root: Path) -> Path:
     """Write one task in the VTAB-1k folder layout (SPEC section 8), PNG so that the pixels stay exact."""
-    from .vtab_data import write_folder
-
     return write_folder(Path(root) / name, {split: task_split(name, split) for split in SPLIT_SIZES})
 
 
@@ -257,7 +257,8 @@ def preview(path: Path, per_task: int = 12, zoom: int = 2) -> Path:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m train.offline.data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--export", type=Path, help="folder to write the tasks into, in the VTAB-1k layout")
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated task names (default: all)")
     parser.add_argument("--preview", type=Path, help="write a PNG with a row of train images per task")
