@@ -10,8 +10,8 @@ diffusers denoisers: every linear layer of every attention module (the context s
 linear and 1x1 convolution layers of the transformer blocks (feed-forward, single-stream MLPs and projections; a
 transformer block is a module with an attention module among its children), and the ``proj_in`` / ``proj_out`` of
 transformers nested in a UNet or ControlNet. Never timestep or conditioning embedders, adaLN modulation (a linear
-inside a normalisation module, or right after an activation in a ``Sequential``), the patch embedding or the final
-projection of the model.
+inside a normalisation or modulation module, one named for modulation or adaLN, or the linear of a
+``Sequential(SiLU(), Linear)``), the patch embedding or the final projection of the model.
 """
 
 import re
@@ -126,19 +126,31 @@ def _is_attention(module: nn.Module) -> bool:
                for cls in type(module).__mro__ if cls.__module__.startswith("diffusers."))
 
 
+#: Class-name and attribute-name parts of modules whose linears modulate or embed rather than transform.
+_CONDITIONING_CLASSES = ("Norm", "Embed", "Modulat")  # not "AdaLN": ErnieImageSharedAdaLNBlock is a block
+_CONDITIONING_NAMES = ("embed", "modulation", "adaln")
+
+
 def _is_conditioning(name: str, module: nn.Module) -> bool:
-    """A normalisation wrapper (adaLN), or an embedder: their linears modulate or embed, they do not transform."""
-    cls = type(module).__name__
-    return "Norm" in cls or "Embed" in cls or "embed" in name.rsplit(".", 1)[-1]
+    """A normalisation wrapper (adaLN), an embedder or a modulation module, by its class or attribute name.
+
+    Names as well as classes, because several models hold their modulation in a bare ``Sequential`` named for what
+    it does (Z-Image's ``adaLN_modulation = Sequential(Linear)``, with no activation to recognise it by).
+    """
+    cls, attribute = type(module).__name__, name.rsplit(".", 1)[-1].lower()
+    return any(k in cls for k in _CONDITIONING_CLASSES) or any(k in attribute for k in _CONDITIONING_NAMES)
 
 
 def _modulation_after_activation(parent: nn.Module, child: str) -> bool:
-    """``Sequential(SiLU(), Linear(...))``: the adaLN modulation of HiDream, QwenImage and others."""
+    """``Sequential(SiLU(), Linear(...))``: the adaLN modulation of QwenImage, HiDream and others.
+
+    Only a linear right after an activation that opens the ``Sequential``: the second linear of a feed-forward
+    ``Sequential(Linear, GELU, Linear)`` (Wan-Animate 2, ConsisID's perceiver) also follows an activation.
+    """
     if not isinstance(parent, nn.Sequential):
         return False
     names = [n for n, _ in parent.named_children()]
-    index = names.index(child)
-    return index > 0 and isinstance(parent[index - 1], nn.SiLU | nn.GELU | nn.ReLU)
+    return names.index(child) == 1 and isinstance(parent[0], nn.SiLU | nn.GELU | nn.ReLU)
 
 
 def _pointwise(module: nn.Module) -> bool:
@@ -171,7 +183,7 @@ def diffusers_targets(model: nn.Module, resnet_convs: bool = False) -> list[str]
         parent_name, _, child = name.rpartition(".")
         parts = name.split(".")
         ancestors = [modules[".".join(parts[:i])] for i in range(1, len(parts))]
-        if any(_is_conditioning(".".join(parts[:i + 1]), a) for i, a in enumerate(ancestors)):
+        if any(_is_conditioning(".".join(parts[:i + 1]), a) for i, a in enumerate([*ancestors, module])):
             return False
         if _modulation_after_activation(modules.get(parent_name, model), child):
             return False
