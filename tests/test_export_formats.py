@@ -1,0 +1,319 @@
+"""Community and compact export formats, each proved by the reader it is for.
+
+kohya (export_lora(format="kohya")): diffusers' own reader of non-diffusers LoRA files (``lora_state_dict`` and
+``pipe.load_lora_weights``) converts the file and reproduces the adapted denoiser and text encoders, for an SD 1.5
+pipeline (diffusers-style names), an SDXL pipeline (original sgm names), and Flux (sd-scripts' BFL names with fused
+qkv / linear1, at Flux's real width for the single blocks, whose split diffusers hard-codes). Families diffusers
+cannot read back are refused. The dtype of every export must be floating.
+
+Everything is tiny, CPU, fp32, built from configs (assets/tiny-t2i is the shipped SD 1.5-style pipeline).
+"""
+
+import json
+import warnings
+
+import diffusers
+import pytest
+import timm
+import torch
+from conftest import randomize_adapters, rel_err, unet_out
+from safetensors import safe_open
+from test_export import tiny_sd3  # the SD3 transformer that format='diffusers' is tested on
+from torch import nn
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+)
+
+from psoft_vision.errors import ConfigError, LoRAExportError
+from psoft_vision.export import export_lora
+from psoft_vision.inject import inject
+from psoft_vision.lifecycle import adapted_layers
+from psoft_vision.methods import OFTConfig, PSOFTConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TOL = 1e-4  # a LoRA file read by another tool reproduces the adapted model to this relative error
+CHANGED = 1e-2  # the adapter must move the output at least this much, or reproducing it proves nothing
+TINY_T2I = "assets/tiny-t2i"
+TEXT_TARGETS = r".*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"  # what sd-scripts trains in a CLIP text encoder
+IDS = torch.tensor([[0, 5, 9, 14, 1, 1]])
+
+
+def adapt(model: nn.Module, config, seed: int = 0, std: float = 0.05) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rank clamping warns on purpose
+        inject(model, config)
+    randomize_adapters(model, seed=seed, std=std)
+    return model
+
+
+def every_layer(model: nn.Module, kinds=(nn.Linear, nn.Conv2d)) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, kinds)]
+
+
+def keys(path) -> dict[str, torch.Tensor]:
+    with safe_open(path, "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+@torch.no_grad()
+def text_out(encoder: nn.Module) -> torch.Tensor:
+    out = encoder(IDS)
+    return out.text_embeds if hasattr(out, "text_embeds") else out.last_hidden_state
+
+
+def clip_config(hidden: int) -> CLIPTextConfig:
+    return CLIPTextConfig(vocab_size=60, hidden_size=hidden, intermediate_size=24, num_hidden_layers=1,
+                          num_attention_heads=2, max_position_embeddings=16, projection_dim=8)
+
+
+def tiny_vae(latent_channels: int = 4) -> diffusers.AutoencoderKL:
+    return diffusers.AutoencoderKL(
+        block_out_channels=(8,), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",), latent_channels=latent_channels, norm_num_groups=8, sample_size=16,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SD 1.5: diffusers-style names
+
+
+def load_sd15() -> diffusers.StableDiffusionPipeline:
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(TINY_T2I)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("format", ["kohya", "diffusers"])
+def test_sd15_unet_and_text_encoder_load_through_load_lora_weights(format, tmp_path):
+    pipe = load_sd15()
+    base, base_text = unet_out(pipe.unet), text_out(pipe.text_encoder)
+    # every linear and conv of the UNet, conv_in to conv_out; rank 40 is clamped to 32 on the 32-channel layers
+    adapt(pipe.unet, PSOFTConfig(targets=every_layer(pipe.unet), rank=40))
+    adapt(pipe.text_encoder, PSOFTConfig(targets=TEXT_TARGETS, rank=4), seed=1)
+    expected, expected_text = unet_out(pipe.unet), text_out(pipe.text_encoder)
+    assert rel_err(expected, base) > CHANGED and rel_err(expected_text, base_text) > CHANGED
+
+    file = export_lora(pipe, tmp_path / "sd15.safetensors", format=format)
+    tensors = keys(file)
+    layers = len(list(adapted_layers(pipe.unet))) + len(list(adapted_layers(pipe.text_encoder)))
+    if format == "kohya":
+        assert len(tensors) == 2 * layers  # mixed ranks: no alpha (see _kohya_state_dict)
+        conv = "lora_unet_down_blocks_0_resnets_0_conv1"
+        assert tensors[f"{conv}.lora_down.weight"].shape == (32, 32, 3, 3)
+        assert tensors[f"{conv}.lora_up.weight"].shape == (32, 32, 1, 1)
+        assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight" in tensors
+        assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in tensors
+        state_dict, alphas = diffusers.StableDiffusionPipeline.lora_state_dict(str(file))
+        assert state_dict and all(k.startswith(("unet.", "text_encoder.")) for k in state_dict)
+        assert not alphas
+    else:
+        metadata = json.loads(safe_open(file, "pt").metadata()["lora_adapter_metadata"])
+        assert metadata["text_encoder.r"] == metadata["text_encoder.lora_alpha"] == 4
+        assert all(k.startswith(("unet.", "text_encoder.")) for k in tensors)
+
+    fresh = load_sd15()
+    fresh.load_lora_weights(tmp_path, weight_name=file.name)
+    assert rel_err(unet_out(fresh.unet), expected) <= TOL
+    assert rel_err(text_out(fresh.text_encoder), expected_text) <= TOL
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SDXL: the original (sgm) names
+
+
+def tiny_sdxl() -> diffusers.StableDiffusionXLPipeline:
+    """SDXL's block pattern in small: a plain first down block, attention below, two ResNets per down block, depth-2
+    transformers, the text-time added conditioning, and two CLIP text encoders."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=8 + 6 * 4,
+        use_linear_projection=True,
+    )
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=tiny_vae(), text_encoder=CLIPTextModel(clip_config(16)),
+        text_encoder_2=CLIPTextModelWithProjection(clip_config(16)), tokenizer=None, tokenizer_2=None,
+        unet=unet, scheduler=diffusers.EulerDiscreteScheduler(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def sdxl_out(unet: nn.Module) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    return unet(torch.randn(2, 4, 16, 16, generator=gen), torch.tensor([3, 500]), torch.randn(2, 7, 32, generator=gen),
+                added_cond_kwargs=dict(text_embeds=torch.randn(2, 8, generator=gen),
+                                       time_ids=torch.randn(2, 6, generator=gen))).sample
+
+
+def test_sdxl_unet_and_both_text_encoders_load_through_load_lora_weights(tmp_path):
+    pipe = tiny_sdxl()
+    base = sdxl_out(pipe.unet)
+    adapt(pipe.unet, PSOFTConfig(targets=every_layer(pipe.unet), rank=4))
+    adapt(pipe.text_encoder, PSOFTConfig(targets=TEXT_TARGETS, rank=4), seed=1)
+    adapt(pipe.text_encoder_2, PSOFTConfig(targets=TEXT_TARGETS, rank=4), seed=2)
+    expected = sdxl_out(pipe.unet)
+    expected_text = text_out(pipe.text_encoder), text_out(pipe.text_encoder_2)
+    assert rel_err(expected, base) > CHANGED
+
+    file = export_lora(pipe, tmp_path / "sdxl.safetensors", format="kohya")
+    tensors = keys(file)
+    for name in ("input_blocks_0_0", "input_blocks_2_0_in_layers_2", "input_blocks_3_0_op",  # conv_in, conv1
+                 "input_blocks_4_0_skip_connection", "input_blocks_5_1_transformer_blocks_1_attn1_to_q",
+                 "middle_block_1_proj_in", "middle_block_2_emb_layers_1", "output_blocks_2_2_conv",  # upsampler
+                 "output_blocks_5_0_out_layers_3", "out_2", "time_embed_0", "label_emb_0_2"):
+        assert tensors[f"lora_unet_{name}.alpha"] == 4  # one rank everywhere: alpha = rank, scale 1
+    assert not any("down_blocks" in k or "lora_te_" in k for k in tensors)
+    assert "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight" in tensors
+    assert "lora_te2_text_model_encoder_layers_0_self_attn_out_proj.lora_down.weight" in tensors
+
+    fresh = tiny_sdxl()
+    fresh.load_lora_weights(tmp_path, weight_name=file.name)
+    assert rel_err(sdxl_out(fresh.unet), expected) <= TOL
+    assert rel_err(text_out(fresh.text_encoder), expected_text[0]) <= TOL
+    assert rel_err(text_out(fresh.text_encoder_2), expected_text[1]) <= TOL
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flux: sd-scripts' BFL names, fused layers
+
+
+def tiny_flux(heads: int = 2, head_dim: int = 8, double: int = 2, single: int = 0) -> diffusers.FluxPipeline:
+    torch.manual_seed(0)
+    rope = (2, 2, 4) if head_dim == 8 else (16, 56, 56)
+    transformer = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=double, num_single_layers=single, attention_head_dim=head_dim,
+        num_attention_heads=heads, joint_attention_dim=16, pooled_projection_dim=12, guidance_embeds=True,
+        axes_dims_rope=rope,
+    ).eval()
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=60, d_model=16, d_ff=24, d_kv=8, num_layers=1, num_heads=2))
+    return diffusers.FluxPipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=tiny_vae(1),
+        text_encoder=CLIPTextModel(clip_config(12)), tokenizer=None, text_encoder_2=text_encoder_2,
+        tokenizer_2=None, transformer=transformer,
+    )
+
+
+@torch.no_grad()
+def flux_out(transformer: nn.Module) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    return transformer(
+        hidden_states=torch.randn(2, 4, 4, generator=gen), encoder_hidden_states=torch.randn(2, 3, 16, generator=gen),
+        pooled_projections=torch.randn(2, 12, generator=gen), timestep=torch.tensor([0.3, 0.7]),
+        guidance=torch.tensor([3.0, 3.0]), img_ids=torch.randn(4, 3, generator=gen), txt_ids=torch.zeros(3, 3),
+    ).sample
+
+
+def block_layers(transformer: nn.Module, skip: str = "attn.to_v") -> list[str]:
+    """Every linear inside the double and single blocks but ``skip``, whose place in a fused layer stays zero."""
+    return [n for n in every_layer(transformer, nn.Linear)
+            if n.startswith(("transformer_blocks.", "single_transformer_blocks.")) and not n.endswith(skip)]
+
+
+@pytest.mark.parametrize("method", ["psoft", "oft-full-deltas"])
+def test_flux_double_blocks_and_clip_load_through_load_lora_weights(method, tmp_path):
+    pipe = tiny_flux()
+    base = flux_out(pipe.transformer)
+    config = PSOFTConfig(targets=block_layers(pipe.transformer), rank=4) if method == "psoft" else \
+        OFTConfig(targets=block_layers(pipe.transformer), block_size=4)
+    adapt(pipe.transformer, config)
+    adapt(pipe.text_encoder, PSOFTConfig(targets=TEXT_TARGETS, rank=4), seed=1)
+    expected, expected_text = flux_out(pipe.transformer), text_out(pipe.text_encoder)
+    assert rel_err(expected, base) > CHANGED
+
+    file = export_lora(pipe, tmp_path, format="kohya", full_deltas=method != "psoft")
+    assert file.name == "pytorch_lora_weights.safetensors"
+    tensors = keys(file)
+    qkv = "lora_unet_double_blocks_1_img_attn_qkv"
+    if method == "psoft":  # q and k stacked, v's rows zero
+        assert tensors[f"{qkv}.lora_down.weight"].shape == (8, 16)
+        assert not tensors[f"{qkv}.lora_up.weight"][32:].any()
+    else:  # 3 x 16 stacked full ranks pass the full rank 16: the stacked delta with an identity down
+        assert torch.equal(tensors[f"{qkv}.lora_down.weight"], torch.eye(16))
+    assert "lora_unet_double_blocks_0_txt_mod_lin.lora_up.weight" in tensors
+    assert "lora_te1_text_model_encoder_layers_0_mlp_fc2.lora_down.weight" in tensors
+    state_dict = diffusers.FluxPipeline.lora_state_dict(str(file))
+    assert "transformer.transformer_blocks.1.attn.to_v.lora_A.weight" in state_dict
+
+    fresh = tiny_flux()
+    fresh.load_lora_weights(tmp_path)
+    assert rel_err(flux_out(fresh.transformer), expected) <= TOL
+    assert rel_err(text_out(fresh.text_encoder), expected_text) <= TOL
+
+
+def test_flux_single_block_at_flux_width_loads_through_load_lora_weights(tmp_path):
+    """diffusers splits linear1 into q, k, v, mlp at Flux.1's own widths (3 x 3072 + 12288), so only a model of
+    that width can check the single-block layout: one single block, 24 heads of 128."""
+    pipe = tiny_flux(heads=24, head_dim=128, double=0, single=1)
+    base = flux_out(pipe.transformer)
+    adapt(pipe.transformer, PSOFTConfig(targets=block_layers(pipe.transformer), rank=32, svd="lowrank"), std=1.0)
+    expected = flux_out(pipe.transformer)
+    assert rel_err(expected, base) > CHANGED
+
+    file = export_lora(pipe.transformer, tmp_path / "single.safetensors", format="kohya")
+    tensors = keys(file)
+    assert tensors["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape == (3 * 3072 + 12288, 3 * 32)
+    assert tensors["lora_unet_single_blocks_0_linear2.lora_down.weight"].shape == (32, 3072 + 12288)
+    fresh = tiny_flux(heads=24, head_dim=128, double=0, single=1)
+    fresh.load_lora_weights(tmp_path, weight_name=file.name)
+    assert rel_err(flux_out(fresh.transformer), expected) <= TOL
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what kohya refuses, and dtypes
+
+
+def test_kohya_refuses_what_diffusers_cannot_read_back(tmp_path):
+    sd3 = adapt(tiny_sd3(), PSOFTConfig(rank=2))
+    with pytest.raises(LoRAExportError, match="SD3") as caught:
+        export_lora(sd3, tmp_path / "x.safetensors", format="kohya")
+    assert "format='diffusers'" in str(caught.value) and "format='peft'" in str(caught.value)
+
+    vit = adapt(timm.create_model("test_vit", pretrained=False), PSOFTConfig(rank=2))
+    with pytest.raises(LoRAExportError, match="VisionTransformer"):
+        export_lora(vit, tmp_path / "x.safetensors", format="kohya")
+
+    flux = tiny_flux(double=1).transformer
+    adapt(flux, PSOFTConfig(targets=["x_embedder", "transformer_blocks.0.attn.to_q"], rank=2))
+    with pytest.raises(LoRAExportError, match=r"\['x_embedder'\] are outside Flux's double and single blocks"):
+        export_lora(flux, tmp_path / "x.safetensors", format="kohya")
+
+    text = adapt(CLIPTextModel(clip_config(16)), PSOFTConfig(targets=TEXT_TARGETS, rank=2))
+    with pytest.raises(ConfigError, match="not a kohya prefix"):
+        export_lora(text, tmp_path / "x.safetensors", format="kohya", prefix="te")
+    with pytest.raises(LoRAExportError, match="lora_unet"):
+        export_lora(text, tmp_path / "x.safetensors", format="kohya", prefix="lora_unet")
+    assert not list(tmp_path.iterdir())
+
+    file = export_lora(text, tmp_path / "te2.safetensors", format="kohya", prefix="lora_te2")
+    assert all(k.startswith("lora_te2_text_model_encoder_layers_0_") for k in keys(file))
+
+
+def test_a_pipeline_takes_no_prefix(tmp_path):
+    pipe = load_sd15()
+    adapt(pipe.unet, PSOFTConfig(rank=2))
+    with pytest.raises(ConfigError, match="single module"):
+        export_lora(pipe, tmp_path / "x.safetensors", format="kohya", prefix="lora_unet")
+
+
+@pytest.mark.parametrize("format", ["kohya", "diffusers", "peft"])
+def test_only_floating_dtypes(format, tmp_path):
+    model = load_sd15().unet
+    adapt(model, PSOFTConfig(rank=2))
+    for dtype in (torch.int8, torch.complex64, "float16"):
+        with pytest.raises(ConfigError, match="not a floating torch dtype"):
+            export_lora(model, tmp_path / "x", format=format, dtype=dtype)
+    assert not list(tmp_path.iterdir())
+    out = export_lora(model, tmp_path / "x", format=format, dtype=torch.bfloat16)
+    file = out / "adapter_model.safetensors" if format == "peft" else out
+    tensors = keys(file)
+    assert {t.dtype for k, t in tensors.items() if not k.endswith(".alpha")} == {torch.bfloat16}
+    assert {t.dtype for k, t in tensors.items() if k.endswith(".alpha")} <= {torch.float32}
