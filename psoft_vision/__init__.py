@@ -19,6 +19,7 @@ from .errors import (
     UnsupportedLayerError,
 )
 from .export import export_lora
+from .export_oft import export_oft
 from .inject import inject, trainable_summary
 from .io import load_adapter, read_adapter, save_adapter
 from .layer import AdaptedLayer
@@ -52,6 +53,7 @@ __all__ = [
     "adapter_names",
     "disabled",
     "export_lora",
+    "export_oft",
     "get_method",
     "inject",
     "load_adapter",

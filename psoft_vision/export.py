@@ -230,7 +230,8 @@ def _parts(model, format: str, prefix: str | None, name: str | None) -> tuple[li
     return parts, name
 
 
-def _train_modules(model: nn.Module, name: str) -> list[str]:
+def train_modules_of(model: nn.Module, name: str) -> list[str]:
+    """The ``train_modules`` of adapter ``name``'s config (they travel beside the adapter, not in it)."""
     for _, layer in adapted_layers(model):
         if name in layer.adapters:
             return list(layer.adapters[name].config.train_modules)
@@ -265,7 +266,7 @@ def _export_file(parts: list, format: str, name: str, full_deltas: bool, dtype: 
     """One ``.safetensors`` holding every part: diffusers keys with LoraConfig metadata, or kohya keys."""
     tensors, config, named, layers = {}, {}, {}, 0
     for module, prefix in parts:
-        train_modules = _train_modules(module, name)
+        train_modules = train_modules_of(module, name)
         if train_modules:
             warnings.warn(f"the weights of train_modules {train_modules} are not in the {format} LoRA file (it holds "
                           "LoRA factors only); ship them separately.", stacklevel=3)
@@ -298,22 +299,11 @@ def _export_peft(model, name: str | None, full_deltas: bool, dtype: torch.dtype,
         raise ConfigError(f"format='peft' writes a directory (adapter_config.json and {PEFT_WEIGHT_NAME}); "
                           f"got the file name {str(path)!r}: pass a directory path.")
     factors = lora_weights(model, name, full_deltas)
-    train_modules = _train_modules(model, name)
+    train_modules = train_modules_of(model, name)
     tensors, ranks = _state_dict(factors, "base_model.model.", dtype)
     tensors.update(modules_to_save(model, train_modules))
-    config = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": None,
-        "inference_mode": True,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
-        "use_rslora": False,
-        "modules_to_save": train_modules or None,
-        **_lora_config(ranks, [n for n, _ in candidate_modules(model)]),
-    }
+    config = {**peft_config("LORA", train_modules), "lora_dropout": 0.0, "init_lora_weights": True,
+              "use_rslora": False, **_lora_config(ranks, [n for n, _ in candidate_modules(model)])}
     info = {"adapter": name, "full_deltas": full_deltas, "layers": len(factors)}
     write_peft_directory(path, tensors, config, info)
     return path
@@ -326,6 +316,12 @@ def _warn_text_encoders_left_out(pipe) -> None:
         warnings.warn(f"format='peft' holds one model, the pipeline's denoiser; the adapters on {left} are not in it. "
                       "Export each text encoder to its own directory (export_lora(pipe.text_encoder, ...)), or use "
                       "format='diffusers' or 'kohya', whose one file holds them all.", stacklevel=4)
+
+
+def peft_config(peft_type: str, train_modules: list[str]) -> dict:
+    """The PeftConfig entries every exported adapter shares: inference mode, no bias, no base model id."""
+    return {"peft_type": peft_type, "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+            "bias": "none", "fan_in_fan_out": False, "modules_to_save": train_modules or None}
 
 
 def write_peft_directory(path: Path, tensors: dict, config: dict, info: dict) -> None:
