@@ -15,6 +15,7 @@ The module path is the one sd-scripts' own model uses for that family, which is 
 - SDXL UNet: the original (sgm / LDM) names (``lora_unet_input_blocks_4_1_proj_in``, ``..._in_layers_2`` for a
   ResNet's ``conv1``), which sd-scripts' ``sdxl_original_unet`` uses. diffusers' SDXL loader passes the UNet config
   and renumbers these blocks back; it reads the diffusers spelling too, but sd-scripts never writes it for SDXL.
+  (It misreads the upsampler of an up block without attention, which SDXL itself does not have: refused.)
 - Flux.1 transformer: the original (BFL) names sd-scripts' ``lora_flux`` uses, with its fused layers: the
   ``double_blocks_N_img_attn_qkv`` of ``to_q``/``to_k``/``to_v``, and the ``single_blocks_N_linear1`` of
   ``to_q``/``to_k``/``to_v``/``proj_mlp``. A fused layer's LoRA stacks its members' downs and puts their ups on the
@@ -144,8 +145,14 @@ def _sgm_renamer(unet: nn.Module):
             block = int(m[2])
             if m[1] == "down_blocks":
                 return f"input_blocks.{(block + 1) * span}.0.op"
-            attention = len(getattr(unet.up_blocks[block], "attentions", None) or ())
-            return f"output_blocks.{block * span + per_block}.{2 if attention else 1}.conv"
+            if not getattr(unet.up_blocks[block], "attentions", None):
+                raise LoRAExportError(
+                    f"{name!r} upsamples an up block without attention: in the original SDXL layout it is "
+                    f"output_blocks.{block * span + per_block}.1.conv, which diffusers' SDXL reader takes for an "
+                    "attention (it reads index 1 as one), so the file would not reproduce the model there. Leave it "
+                    "out of `targets`, or use format='diffusers'."
+                )
+            return f"output_blocks.{block * span + per_block}.2.conv"
         raise _unsupported(unet, UNET, f"{name!r} has no name in the original SDXL layout.")
 
     return rename

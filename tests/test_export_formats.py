@@ -293,6 +293,15 @@ def test_kohya_refuses_what_diffusers_cannot_read_back(tmp_path):
     with pytest.raises(LoRAExportError, match=r"\['x_embedder'\] are outside Flux's double and single blocks"):
         export_lora(flux, tmp_path / "x.safetensors", format="kohya")
 
+    refiner_like = diffusers.UNet2DConditionModel(  # an up block without attention that upsamples
+        sample_size=16, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=32,
+    )
+    adapt(refiner_like, PSOFTConfig(targets=["up_blocks.0.upsamplers.0.conv"], rank=2))
+    with pytest.raises(LoRAExportError, match=r"output_blocks\.1\.1\.conv, which diffusers' SDXL reader takes"):
+        export_lora(refiner_like, tmp_path / "x.safetensors", format="kohya")
+
     text = adapt(CLIPTextModel(clip_config(16)), PSOFTConfig(targets=TEXT_TARGETS, rank=2))
     with pytest.raises(ConfigError, match="not a kohya prefix"):
         export_lora(text, tmp_path / "x.safetensors", format="kohya", prefix="te")
