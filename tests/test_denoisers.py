@@ -23,7 +23,14 @@ TOL = 1e-5  # two fp32 forwards that must agree (identity at init, merged == unm
 LORA_TOL = 1e-4  # a reloaded LoRA against the adapted model
 CHANGED = 1e-3  # randomised adapters must move the output at least this much, or agreeing proves nothing
 SPECS = [pytest.param(spec, id=key) for key, spec in DENOISERS.items()]
-METHODS = {"psoft": lambda: pv.PSOFTConfig(**PSOFT), "oft": lambda: pv.OFTConfig(**OFT)}
+#: ``(spec, extra config arguments)``: a spec with a known failure fails with its error, and passes with its workaround
+RUNNING = [pytest.param(spec, {}, id=key) for key, spec in DENOISERS.items() if not spec.known_failure] + [
+    param for key, spec in DENOISERS.items() if spec.known_failure for param in (
+        pytest.param(spec, {}, id=key, marks=pytest.mark.xfail(raises=spec.known_failure[0], strict=True,
+                                                                reason=spec.known_failure[1])),
+        pytest.param(spec, spec.workaround, id=f"{key}-workaround"))]
+METHODS = {"psoft": lambda **extra: pv.PSOFTConfig(**PSOFT, **extra),
+           "oft": lambda **extra: pv.OFTConfig(**OFT, **extra)}
 
 
 def inject_quietly(model, config, name: str = "default"):
@@ -49,13 +56,13 @@ def test_auto_adapts_every_block_layer_and_no_conditioning(spec: Denoiser):
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-@pytest.mark.parametrize("spec", SPECS)
-def test_identity_merge_save_load_and_lora_reload(spec: Denoiser, method: str, tmp_path):
+@pytest.mark.parametrize(("spec", "extra"), RUNNING)
+def test_identity_merge_save_load_and_lora_reload(spec: Denoiser, extra: dict, method: str, tmp_path):
     model, inputs = spec.make(), spec.example()
     reference = run(model, inputs)
     assert reference.abs().max() > 0
 
-    inject_quietly(model, METHODS[method]())
+    inject_quietly(model, METHODS[method](**extra))
     assert rel_err(run(model, inputs), reference) <= TOL, "not the identity at init"
 
     randomize_adapters(model, seed=1, std=0.2)
@@ -115,7 +122,7 @@ def test_sana_depthwise_conv_named_explicitly_psoft_is_exact_per_channel(tmp_pat
     pv.unmerge(model)
     pv.save_adapter(model, tmp_path / "sana.safetensors")
     assert rel_err(run(pv.load_adapter(spec.make(), tmp_path / "sana.safetensors"), inputs), adapted) <= 1e-6
-    with pytest.raises(NotLowRankError):  # no LoRA layout holds a per-group update
+    with pytest.raises(NotLowRankError):  # export_lora has no layout for a per-group update: refused, not wrong
         pv.export_lora(model, tmp_path / "lora")
 
 
