@@ -189,11 +189,16 @@ def _kohya_state_dict(factors: dict, dtype: torch.dtype) -> dict:
 
 
 def _resolve(model, prefix: str | None) -> tuple[nn.Module, str]:
-    """The denoiser and its diffusers prefix, for a model or a pipeline."""
+    """The module and its diffusers prefix: a pipeline's denoiser, or the module with the pipeline attribute it
+    most likely is."""
     if not isinstance(model, nn.Module):
         model, attribute = denoiser(model)
         return model, prefix or attribute
-    return model, prefix or ("unet" if "UNet" in type(model).__name__ else "transformer")
+    if prefix:
+        return model, prefix
+    if kohya.is_clip_text(model):
+        return model, "text_encoder"
+    return model, "unet" if "UNet" in type(model).__name__ else "transformer"
 
 
 def _pipeline_parts(pipe, name: str | None) -> tuple[list[tuple[nn.Module, str]], str]:
@@ -345,8 +350,8 @@ def export_lora(model, path: str | os.PathLike, format: str = "diffusers", name:
     ``format="diffusers"``: one ``.safetensors`` with keys ``<prefix>.<module>.lora_A.weight`` /
     ``lora_B.weight`` and the LoraConfig arguments in the ``lora_adapter_metadata`` entry, for
     ``pipe.load_lora_weights(directory, weight_name=file)``. For a module, ``prefix`` is the pipeline attribute
-    it stands for and defaults to ``"unet"`` for a UNet and ``"transformer"`` otherwise (pass ``"text_encoder"``
-    for a text encoder).
+    it stands for and defaults to ``"unet"`` for a UNet, ``"text_encoder"`` for a CLIP text encoder (pass
+    ``"text_encoder_2"`` for SDXL's second one) and ``"transformer"`` otherwise.
 
     ``format="kohya"``: one ``.safetensors`` in the kohya-ss layout (``lora_unet_...`` / ``lora_te_...`` keys with
     ``lora_down``, ``lora_up`` and ``alpha``; see :mod:`psoft_vision.kohya` for the names of each model family) for

@@ -57,7 +57,7 @@ def prefix_for(attribute: str, pipe) -> str:
 
 
 def default_prefix(model: nn.Module) -> str:
-    return TE if _is_clip_text(model) else UNET
+    return TE if is_clip_text(model) else UNET
 
 
 def module_factors(model: nn.Module, prefix: str, factors: Factors) -> Factors:
@@ -73,7 +73,7 @@ def module_factors(model: nn.Module, prefix: str, factors: Factors) -> Factors:
     return {f"{prefix}_{name.replace('.', '_')}": pair for name, pair in named.items()}
 
 
-def _is_clip_text(model: nn.Module) -> bool:
+def is_clip_text(model: nn.Module) -> bool:
     return type(model).__name__ in ("CLIPTextModel", "CLIPTextModelWithProjection")
 
 
@@ -88,7 +88,7 @@ def _layout(model: nn.Module, prefix: str):
     """A layer-name map (or, with fused layers, the table of kohya modules) for this model family."""
     cls = type(model).__name__
     if prefix != UNET:
-        if not _is_clip_text(model):
+        if not is_clip_text(model):
             raise _unsupported(model, prefix, "the text-encoder prefixes are for CLIP text encoders, the only ones "
                                               "diffusers converts from this layout.")
         return (lambda name: name) if hasattr(model, "text_model") else (lambda name: "text_model." + name)

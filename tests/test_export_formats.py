@@ -313,6 +313,17 @@ def test_kohya_refuses_what_diffusers_cannot_read_back(tmp_path):
     assert all(k.startswith("lora_te2_text_model_encoder_layers_0_") for k in keys(file))
 
 
+@pytest.mark.parametrize(("format", "prefix"), [("kohya", "lora_te_"), ("diffusers", "text_encoder.")])
+def test_a_lone_text_encoder_is_exported_under_its_pipeline_prefix(format, prefix, tmp_path):
+    encoder = adapt(load_sd15().text_encoder, PSOFTConfig(targets=TEXT_TARGETS, rank=4))
+    expected = text_out(encoder)
+    file = export_lora(encoder, tmp_path / "te.safetensors", format=format)
+    assert all(k.startswith(prefix) for k in keys(file))
+    fresh = load_sd15()
+    fresh.load_lora_weights(tmp_path, weight_name=file.name)
+    assert rel_err(text_out(fresh.text_encoder), expected) <= TOL
+
+
 def test_a_pipeline_takes_no_prefix(tmp_path):
     pipe = load_sd15()
     adapt(pipe.unet, PSOFTConfig(rank=2))
