@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
@@ -124,8 +125,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ----------------------------------------------------------------------------------------------- building
 def create_model(args, num_classes: int):
-    import timm
-
     overlay = None
     if args.weights is not None:
         if not args.weights.is_file():
