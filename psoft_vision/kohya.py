@@ -2,10 +2,11 @@
 
 A layer's LoRA is three tensors under one module name, ``<prefix>_<module path, dots as underscores>``:
 ``.lora_down.weight`` (k, in) or, for a Conv2d, a conv with the layer's kernel (k, in, kh, kw); ``.lora_up.weight``
-(out, k) or a 1x1 conv (out, k, 1, 1); and ``.alpha``, which readers turn into the scale ``alpha / k`` (written as
-k, so the scale is 1). The prefix says which model: ``lora_unet`` the denoiser, ``lora_te`` the text encoder of a
-one-encoder pipeline, ``lora_te1`` / ``lora_te2`` the two CLIP encoders of SDXL (and ``lora_te1`` the CLIP encoder
-of Flux).
+(out, k) or a 1x1 conv (out, k, 1, 1); and ``.alpha``, which readers turn into the scale ``alpha / k``: written as
+k when every module of the file has one rank, and left out (which readers also take as scale 1) when the ranks
+differ, for the reason :func:`psoft_vision.export._kohya_state_dict` gives. The prefix says which model:
+``lora_unet`` the denoiser, ``lora_te`` the text encoder of a one-encoder pipeline, ``lora_te1`` / ``lora_te2``
+the two CLIP encoders of SDXL (and ``lora_te1`` the CLIP encoder of Flux).
 
 The module path is the one sd-scripts' own model uses for that family, which is not always diffusers' name:
 
@@ -74,6 +75,7 @@ def module_factors(model: nn.Module, prefix: str, factors: Factors) -> Factors:
 
 
 def is_clip_text(model: nn.Module) -> bool:
+    """A transformers CLIP text encoder, the one text-encoder family diffusers reads from this layout."""
     return type(model).__name__ in ("CLIPTextModel", "CLIPTextModelWithProjection")
 
 
