@@ -10,6 +10,9 @@ An adapter is a transform of one frozen layer's weight, ``W -> T(W)``. It is bui
 - ``describe()``: the JSON-able facts of this adapter on this layer that an adapter file records (its shapes);
 - ``lora_factors()``: ``(up, down)`` with ``up @ down.flatten(1) == T(W) - W`` when the update has a small exact
   low-rank form (fp32), else ``None``;
+- ``anchors()`` / ``realign(anchors, saved, weight)``: small tensors an adapter file keeps, and their use when the
+  file is loaded onto a copy of the base in another precision, so that the adapter rebuilds what it was trained
+  with (an adapter that derives nothing from the weight needs neither);
 - ``config``: the config it was built from, and ``strength``: 0 is the identity exactly, 1 the trained transform.
 
 Every adapter is the identity when it is created and at strength 0. What else holds (orthogonality, kept norms) is
@@ -44,6 +47,13 @@ class Adapter(nn.Module):
 
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
+
+    def anchors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def realign(self, anchors: dict[str, torch.Tensor], saved: dict, weight: torch.Tensor) -> None:
+        """Called by ``load_adapter`` with the file's anchors, this layer's ``describe()`` as saved and the base's
+        pretrained weight."""
 
     def cached(self, compute):
         """``compute()``, kept between calls while gradients are off and nothing it reads has changed: an eval-mode

@@ -9,7 +9,7 @@ from .bases import base_of
 from .config import AdapterConfig
 from .errors import AdapterNameError, ConfigError, TargetNotFoundError, UnsupportedLayerError
 from .layer import AdaptedLayer
-from .lifecycle import adapted_layers, adapter_names
+from .lifecycle import REQUIRES_GRAD, adapted_layers, adapter_names
 from .registry import method_of
 from .targets import excluder, select
 
@@ -28,7 +28,8 @@ def check_adapter_name(name) -> None:
 def inject(model: nn.Module, config: AdapterConfig | None = None, name: str = "default") -> nn.Module:
     """Add the adapter ``name`` described by ``config`` (default: ``PSOFTConfig()``) to ``model``, in place.
 
-    Every parameter is frozen except the new adapter's and those of ``config.train_modules``. On layers that
+    Every parameter is frozen except the new adapter's and those of ``config.train_modules`` (``remove`` gives the
+    flags they had before the first adapter back). On layers that
     already carry adapters the new one is stacked on top (outermost) and all of them stay active; layers with
     merged adapters stay merged. Arguments are checked and every adapter is built before the model is touched,
     so a failure leaves it exactly as it was.
@@ -58,6 +59,8 @@ def inject(model: nn.Module, config: AdapterConfig | None = None, name: str = "d
                 for layer_name in names}
     _warn_adjusted(adapters)
 
+    if not adapter_names(model):  # remove() gives these back once the last adapter is gone
+        model.__dict__[REQUIRES_GRAD] = {n: p.requires_grad for n, p in model.named_parameters()}
     model.requires_grad_(False)
     for layer_name, adapter in adapters.items():
         module = model.get_submodule(layer_name)

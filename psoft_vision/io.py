@@ -1,17 +1,17 @@
 """Adapter files: one ``.safetensors`` with the adapter's tensors and JSON metadata, written atomically.
 
-Keys: ``<layer>.<param>`` for the adapter parameters (``q``, ``alpha``, ``beta``), ``<layer>.A`` / ``<layer>.B``
-with ``include_bases=True``, and ``train_modules.<module>.<param>`` for the weights of ``train_modules``. The
-metadata entry ``psoft_vision`` holds the format version, method, config, layers, package version, the SVD
-settings and a fingerprint of each base weight.
-
-A fingerprint is the weight's shape, its Frobenius norm and four seeded bilinear sketches ``u^T W v``: loading
-onto a different base fails loudly, while the same base in another dtype (fp16, bf16) still matches.
+Keys: ``<layer>.<param>`` for the adapter parameters (``q``, ``alpha``, ``beta``), ``<layer>.anchor.<name>`` for
+the adapter's anchors (PSOFT: a sketch of its subspace, so that it rebuilds the same subspace on a copy of the base
+in another precision), ``<layer>.A`` / ``<layer>.B`` with ``include_bases=True``, and
+``train_modules.<module>.<param>`` for the weights of ``train_modules``. The metadata entry ``psoft_vision`` holds
+the format version, method, config, per-layer facts, strength, package version and a fingerprint of each base
+weight (:mod:`psoft_vision.fingerprint`).
 """
 
 import dataclasses
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,39 +19,20 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import (
-    AdapterFileError,
-    AdapterVersionError,
-    BaseModelMismatchError,
-    KeyMismatchError,
-)
+from .errors import AdapterFileError, AdapterVersionError, BaseModelMismatchError, KeyMismatchError
 from .files import atomic_write
+from .fingerprint import fingerprint, mismatch
+from .identify import describe_foreign
 from .inject import inject
 from .lifecycle import _unmerged, adapted_layers, one_adapter_name, remove, set_strength
 from .registry import get_method
 
 FORMAT = "psoft_vision.adapter"
-FORMAT_VERSION = 1
-FINGERPRINT_TOLERANCE = 1e-2  # relative to ||W||_F; fp16 rounding moves a sketch by about 1e-3
+FORMAT_VERSION = 2  # 2: anchors, strength, fingerprint probes normalised by the norm
 #: Config fields renamed since they were first written to files: old name -> new name.
 RENAMED_FIELDS = {"scale_a": "train_alpha", "scale_b": "train_beta"}
-
-
-def fingerprint(weight: torch.Tensor) -> dict:
-    w = weight.detach().to("cpu", torch.float64).flatten(1)
-    gen = torch.Generator().manual_seed(0)
-    u = torch.randn(4, w.shape[0], generator=gen, dtype=torch.float64)
-    v = torch.randn(4, w.shape[1], generator=gen, dtype=torch.float64)
-    sketch = ((u @ w) * v).sum(-1) / (w.shape[0] * w.shape[1]) ** 0.5
-    return {"shape": list(weight.shape), "norm": w.norm().item(), "sketch": sketch.tolist()}
-
-
-def _fingerprints_differ(saved: dict, current: dict) -> bool:
-    if saved["shape"] != current["shape"]:
-        return True
-    scale = max(saved["norm"], 1e-12)
-    values = [saved["norm"], *saved["sketch"]], [current["norm"], *current["sketch"]]
-    return any(abs(a - b) > FINGERPRINT_TOLERANCE * scale for a, b in zip(*values, strict=True))
+_HEADER_FIELDS = {"method": str, "name": str, "config": dict, "layers": dict, "fingerprints": dict,
+                  "include_bases": bool}
 
 
 def _config_dict(config) -> dict:
@@ -59,45 +40,49 @@ def _config_dict(config) -> dict:
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if f.name in ("targets", "exclude") and not (value is None or isinstance(value, str | list | tuple)):
-            value = None  # a callable or compiled regex: the file's layer list says where the adapter goes
+            value = None  # a callable, compiled regex or preset object: the file's layer list says where it goes
         out[f.name] = list(value) if isinstance(value, tuple) else value
     return out
 
 
+def _adapter_tensors(layer_name: str, adapter, include_bases: bool, anchors: bool) -> dict[str, torch.Tensor]:
+    tensors = {f"{layer_name}.{key}": p.detach() for key, p in adapter.named_parameters()}
+    if include_bases:
+        tensors.update({f"{layer_name}.{key}": b.detach() for key, b in adapter.named_buffers()})
+    elif anchors:
+        tensors.update({f"{layer_name}.anchor.{key}": t.detach() for key, t in adapter.anchors().items()})
+    return tensors
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None,
-                 include_bases: bool = False) -> Path:
-    """Write adapter ``name`` (optional when there is one) and its ``train_modules`` weights to ``path``."""
+                 include_bases: bool = False, anchors: bool = True) -> Path:
+    """Write adapter ``name`` (optional when there is one), its strength and its ``train_modules`` weights.
+
+    ``anchors`` (default) stores each adapter's anchors: PSOFT's is a sketch of its subspace (``8 r^2`` bytes
+    per layer) that lets :func:`load_adapter` rebuild the subspace the adapter was trained in on a copy of the
+    base in another precision (bf16, fp16). ``include_bases=True`` stores the subspace itself instead (``A`` and
+    ``B``, as large as the layer's input plus output width times r), for bit-exact reloads anywhere.
+    """
     from . import __version__
 
     name = one_adapter_name(model, name)
     path = Path(path)
-    tensors, layers, fingerprints, config, strength = {}, {}, {}, None, 1.0
+    tensors, layers, fingerprints = {}, {}, {}
     for layer_name, layer in adapted_layers(model):
-        if name not in layer.adapters:
-            continue
-        adapter = layer.adapters[name]
-        config, strength = adapter.config, adapter.strength
-        layers[layer_name] = adapter.describe()
-        fingerprints[layer_name] = fingerprint(layer.pretrained_weight)
-        for key, p in adapter.named_parameters():
-            tensors[f"{layer_name}.{key}"] = p.detach()
-        if include_bases:
-            for key, b in adapter.named_buffers():
-                tensors[f"{layer_name}.{key}"] = b.detach()
+        if name in layer.adapters:
+            adapter = layer.adapters[name]
+            layers[layer_name] = adapter.describe()
+            fingerprints[layer_name] = fingerprint(layer.pretrained_weight)
+            tensors.update(_adapter_tensors(layer_name, adapter, include_bases, anchors))
+    config, strength = adapter.config, adapter.strength
     for module_name in config.train_modules:
         for key, p in model.get_submodule(module_name).named_parameters():
             tensors[f"train_modules.{module_name}.{key}"] = p.detach()
+    _warn_non_finite(tensors, "saving")
     header = {
-        "format_version": FORMAT_VERSION,
-        "method": config.method,
-        "name": name,
-        "config": _config_dict(config),
-        "layers": layers,
-        "strength": strength,
-        "fingerprints": fingerprints,
-        "include_bases": include_bases,
-        "package_version": __version__,
-        "torch_version": torch.__version__,
+        "format_version": FORMAT_VERSION, "method": config.method, "name": name, "config": _config_dict(config),
+        "layers": layers, "strength": strength, "fingerprints": fingerprints, "include_bases": include_bases,
+        "anchors": anchors and not include_bases, "package_version": __version__, "torch_version": torch.__version__,
     }
     tensors = {k: t.to("cpu").contiguous() for k, t in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,35 +90,89 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     return path
 
 
-def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The metadata and every tensor of an adapter file, checked for format and version."""
-    path = Path(path)
+def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
+def _warn_non_finite(tensors: dict[str, torch.Tensor], doing: str) -> None:
+    bad = _non_finite(tensors)
+    if bad:
+        warnings.warn(f"{doing} an adapter whose tensors hold NaN or infinity ({bad[:3]}): training diverged; "
+                      "load_adapter will refuse this file.", stacklevel=3)
+
+
+def _open(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not path.is_file():
-        raise AdapterFileError(f"{str(path)!r} is not a file; pass the path of a .safetensors adapter.")
+        what = f"it is {describe_foreign(path)}" if path.is_dir() else "it does not exist"
+        raise AdapterFileError(f"{str(path)!r} is not a file ({what}); pass the path of a .safetensors adapter "
+                               "written by psoft_vision.save_adapter.")
     try:
         with safe_open(path, "pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError) as error:
+            return f.metadata() or {}, {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
         raise AdapterFileError(f"{str(path)!r} is not a readable safetensors file ({error}); it may be truncated "
                                "or of another format: save it again with psoft_vision.save_adapter.") from error
+
+
+def _header(path: Path, metadata: dict, tensors: dict) -> dict:
     if metadata.get("format") != FORMAT or "psoft_vision" not in metadata:
-        raise AdapterFileError(f"{str(path)!r} is a safetensors file but not a psoft_vision adapter (metadata keys "
-                               f"{sorted(metadata)}); a LoRA file loads with diffusers or PEFT instead.")
-    header = json.loads(metadata["psoft_vision"])
-    if header.get("format_version", 0) > FORMAT_VERSION:
-        raise AdapterVersionError(f"{str(path)!r} has adapter format version {header['format_version']}, newer than "
-                                  f"the {FORMAT_VERSION} this psoft_vision reads; upgrade psoft_vision.")
+        raise AdapterFileError(f"{str(path)!r} is not a psoft_vision adapter: it is "
+                               f"{describe_foreign(path, list(tensors), metadata)}.")
+    try:
+        header = json.loads(metadata["psoft_vision"])
+    except ValueError as error:
+        raise AdapterFileError(f"{str(path)!r} has damaged psoft_vision metadata ({error}); the file was edited or "
+                               "corrupted: save the adapter again.") from None
+    if not isinstance(header, dict):
+        raise AdapterFileError(f"{str(path)!r} has psoft_vision metadata that is not a JSON object; save it again.")
+    version = header.get("format_version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise AdapterVersionError(f"{str(path)!r} has adapter format version {version!r}, newer than the "
+                                  f"{FORMAT_VERSION} this psoft_vision reads; upgrade psoft_vision.")
+    wrong = [f"{k} ({t.__name__})" for k, t in _HEADER_FIELDS.items() if not isinstance(header.get(k), t)]
+    if wrong:
+        raise AdapterFileError(f"{str(path)!r} has psoft_vision metadata without valid fields {wrong}; the file was "
+                               "edited or written by other code: save the adapter again.")
+    return header
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The metadata and every tensor of an adapter file, checked for format, version, fields and finite values."""
+    path = Path(path)
+    metadata, tensors = _open(path)
+    header = _header(path, metadata, tensors)
+    bad = _non_finite(tensors)
+    if bad:
+        raise AdapterFileError(f"{str(path)!r} holds NaN or infinite values in {bad[:3]}"
+                               f"{' ...' if len(bad) > 3 else ''}; the training that wrote it diverged, or the file "
+                               "was damaged: retrain, or save the adapter again from a healthy model.")
     return header, tensors
+
+
+def _check_base(model: nn.Module, header: dict, path: Path) -> None:
+    differ = []
+    for layer_name, saved in header["fingerprints"].items():
+        module = model.get_submodule(layer_name)
+        weight = module.pretrained_weight if hasattr(module, "pretrained_weight") else module.weight
+        why = mismatch(saved, weight)
+        if why:
+            differ.append(f"{layer_name!r} ({why})")
+    if differ:
+        raise BaseModelMismatchError(
+            f"{len(differ)} base weights differ from those {str(path)!r} was trained on (first: "
+            f"{', '.join(differ[:3])}); load it onto that base model, or pass check_base=False to load anyway."
+        )
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None,
                  check_base: bool = True) -> nn.Module:
-    """Inject the adapter stored at ``path`` (under its saved name, or ``name``) and load its tensors.
+    """Inject the adapter stored at ``path`` (under its saved name, or ``name``), load its tensors and strength.
 
-    Raises :class:`AdapterFileError`, :class:`AdapterVersionError`, :class:`BaseModelMismatchError` (skip the
-    check with ``check_base=False``), :class:`KeyMismatchError`; on any error the model is left as it was.
+    Raises :class:`AdapterFileError` (missing, truncated, damaged, foreign files: the message says what the file
+    is and what loads it), :class:`AdapterVersionError`, :class:`BaseModelMismatchError` (skip the check with
+    ``check_base=False``), :class:`KeyMismatchError`; on any error the model is left as it was.
     """
+    path = Path(path)
     header, tensors = read_adapter(path)
     name = name or header["name"]
     layers = header["layers"]
@@ -143,18 +182,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         raise KeyMismatchError(f"{str(path)!r} adapts layers that {type(model).__name__} does not have: "
                                f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; is it the right base model?")
     if check_base:
-        differ = []
-        for layer_name, saved in header["fingerprints"].items():
-            module = model.get_submodule(layer_name)
-            weight = module.pretrained_weight if hasattr(module, "pretrained_weight") else module.weight
-            if _fingerprints_differ(saved, fingerprint(weight)):
-                differ.append(layer_name)
-        if differ:
-            raise BaseModelMismatchError(
-                f"{len(differ)} base weights differ from those {str(path)!r} was trained on (first: {differ[:3]}); "
-                "load it onto that base model, or pass check_base=False to load anyway."
-            )
-
+        _check_base(model, header, path)
     config = _config_for_layers(header, path)
     trainable = {p: p.requires_grad for p in model.parameters()}
     with _unmerged(model):  # merged layers stay merged, on success and on failure
@@ -185,10 +213,16 @@ def _config_for_layers(header: dict, path) -> object:
     pattern = f"{method.size_field}_pattern"
     if method.size_field and pattern in {f.name for f in dataclasses.fields(method.config)}:
         fields[pattern] = {n: d[method.size_field] for n, d in layers.items() if method.size_field in d}
-    return method.config(**fields)
+    try:
+        return method.config(**fields)
+    except (TypeError, ValueError) as error:
+        raise AdapterFileError(f"{str(path)!r} holds a {method.name!r} config this psoft_vision cannot build "
+                               f"({error}); save it again with this version.") from None
 
 
-def _load_tensors(model, name, header, tensors, path) -> None:
+def _expected(model: nn.Module, name: str, header: dict) -> dict[str, torch.Tensor]:
+    """Every tensor the file must hold, by key, with the tensor it loads into (for an anchor: the anchor the
+    adapter computes from the present base, which only gives the shape)."""
     expected = {}
     for layer_name, layer in adapted_layers(model):
         if name in layer.adapters:
@@ -196,9 +230,16 @@ def _load_tensors(model, name, header, tensors, path) -> None:
             expected.update({f"{layer_name}.{k}": p for k, p in adapter.named_parameters()})
             if header["include_bases"]:
                 expected.update({f"{layer_name}.{k}": b for k, b in adapter.named_buffers()})
+            elif header.get("anchors"):
+                expected.update({f"{layer_name}.anchor.{k}": t for k, t in adapter.anchors().items()})
     for module_name in header["config"]["train_modules"]:
         expected.update({f"train_modules.{module_name}.{k}": p
                          for k, p in model.get_submodule(module_name).named_parameters()})
+    return expected
+
+
+def _load_tensors(model, name, header, tensors, path) -> None:
+    expected = _expected(model, name, header)
     missing, unknown = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unknown:
         raise KeyMismatchError(f"{str(path)!r} does not fit the adapter it describes: missing keys {missing[:5]}, "
@@ -208,6 +249,15 @@ def _load_tensors(model, name, header, tensors, path) -> None:
     if wrong:
         raise KeyMismatchError(f"{str(path)!r} has tensors of the wrong shape: {wrong[:3]}; it was saved from a "
                                "model of another size.")
+    anchor_keys = set()
     with torch.no_grad():
+        for layer_name, layer in adapted_layers(model):
+            if name in layer.adapters and header.get("anchors"):
+                adapter = layer.adapters[name]
+                keys = {k: f"{layer_name}.anchor.{k}" for k in adapter.anchors()}
+                adapter.realign({k: tensors[key] for k, key in keys.items()}, header["layers"][layer_name],
+                                layer.pretrained_weight)
+                anchor_keys.update(keys.values())
         for key, target in expected.items():
-            target.copy_(tensors[key])
+            if key not in anchor_keys:
+                target.copy_(tensors[key])

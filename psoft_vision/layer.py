@@ -46,6 +46,16 @@ class AdaptedLayer(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
 
+    def __getattr__(self, name: str):
+        """Any other attribute is the base layer's (``kernel_size``, ``stride``, ``in_features``, ...): parents that
+        read their child's geometry, as DaViT's downsampling pads by ``self.conv.kernel_size``, keep working."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base":  # not set yet (mid-construction or unpickling): nothing to fall back on
+                raise
+            return getattr(self.base, name)
+
     @property
     def pretrained_weight(self) -> torch.Tensor:
         """The base weight without any adapter merged in."""
@@ -56,13 +66,13 @@ class AdaptedLayer(nn.Module):
         self.adapters[name] = adapter
         self.active.append(name)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # named like nn.Linear's: some callers pass input=
         if self.weight_path and len(self.active) > len(self.merged):
-            return torch.func.functional_call(self.base, {"weight": self.weight}, (x,))
+            return torch.func.functional_call(self.base, {"weight": self.weight}, (input,))
         layer = self.base
         for name in self.active[len(self.merged) :]:
             layer = partial(self.adapters[name], inner=layer)
-        return layer(x)
+        return layer(input)
 
     @torch.no_grad()
     def merge(self, upto: str | None = None) -> None:

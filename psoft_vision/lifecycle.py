@@ -1,6 +1,7 @@
 """The adapter lifecycle on a whole model: merge, strength, disable, choose active adapters, remove."""
 
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -8,6 +9,9 @@ from torch import nn
 
 from .errors import AdapterNameError, ConfigError
 from .layer import AdaptedLayer
+
+#: The attribute under which inject keeps the model's requires_grad flags from before its first adapter.
+REQUIRES_GRAD = "_psoft_vision_requires_grad"
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
@@ -88,6 +92,10 @@ def set_strength(model: nn.Module, t: float, name: str | None = None) -> nn.Modu
     """
     if not isinstance(t, int | float) or isinstance(t, bool) or not math.isfinite(t):
         raise ConfigError(f"strength t={t!r} must be a finite number (0 = base model, 1 = trained adapter).")
+    if not 0 <= t <= 1:
+        warnings.warn(f"strength {t!r} is outside [0, 1]: it extrapolates the trained adapter (PSOFT's scaling "
+                      "vectors may change sign, and far from 1 the outputs leave what training ever saw).",
+                      stacklevel=2)
     if name is not None:
         _check_names(model, [name])
     with _unmerged(model):
@@ -126,7 +134,8 @@ def disabled(model: nn.Module):
 
 def remove(model: nn.Module, name: str | None = None) -> nn.Module:
     """Remove adapter ``name`` (default: all). A layer left without adapters becomes its original module again,
-    with its original weight, bit for bit."""
+    with its original weight, bit for bit; once no adapter is left, every parameter gets back the requires_grad
+    flag it had before the first inject."""
     if name is not None:
         _check_names(model, [name])
     for layer_name, layer in list(adapted_layers(model)):
@@ -136,4 +145,8 @@ def remove(model: nn.Module, name: str | None = None) -> nn.Module:
             layer.active = [n for n in layer.active if n != name]
         if name is None or not layer.adapters:
             model.set_submodule(layer_name, layer.base)
+    if not adapter_names(model):
+        flags = model.__dict__.pop(REQUIRES_GRAD, {})
+        for param_name, p in model.named_parameters():
+            p.requires_grad_(flags.get(param_name, p.requires_grad))
     return model

@@ -399,8 +399,9 @@ DENOISERS: dict[str, Denoiser] = {d.key: d for d in (
         _animatediff_inputs, r"((down|up)_blocks\.\d+\.|mid_block\.)(attentions|motion_modules)\.\d+",
         pipeline="AnimateDiffPipeline", attribute="unet", title="AnimateDiff UNet (motion modules)",
         known_failure=(TypeError, "the motion modules call proj_in(input=...) and proj_out(input=...) by keyword; "
-                                  "AdaptedLayer.forward names its argument x where nn.Linear names it input, and so "
-                                  "does PEFT's LoRA Linear, which the reloaded LoRA needs"),
+                                  "psoft_vision's adapted layers take it (their argument is named input, as "
+                                  "nn.Linear's is), but PEFT's LoRA Linear names it x, so the LoRA diffusers "
+                                  "reloads fails on those layers"),
         workaround=dict(exclude=r".*motion_modules\.\d+\.proj_(in|out)")),
 )}
 

@@ -59,15 +59,17 @@ def test_round_trip_reproduces_the_adapted_model(trained, x):
 def test_file_holds_the_trainable_tensors_and_metadata(trained):
     path, _ = trained
     header, tensors = pv.read_adapter(path)
-    assert header["format_version"] == 1 and header["method"] == "psoft" and header["name"] == "default"
+    assert header["format_version"] == 2 and header["method"] == "psoft" and header["name"] == "default"
     assert header["config"]["rank"] == 8 and header["config"]["split_qkv"] is True
-    assert header["package_version"] == pv.__version__
+    assert header["package_version"] == pv.__version__ and header["strength"] == 1.0 and header["anchors"] is True
     layers = header["layers"]
-    assert layers["blocks.0.attn.qkv"] == {"rank": 8, "chunks": 3, "svd": "full", "weight_shape": [192, 64]}
+    assert layers["blocks.0.attn.qkv"] == {"rank": 8, "chunks": 3, "svd": "full", "weight_shape": [192, 64],
+                                           "weight_dtype": "float32"}
     assert set(header["fingerprints"]) == set(layers)
-    expected = {f"{layer}.{p}" for layer in layers for p in ("q", "alpha", "beta")}
+    expected = {f"{layer}.{p}" for layer in layers for p in ("q", "alpha", "beta", "anchor.subspace_sketch")}
     assert set(tensors) == expected | {"train_modules.head.weight", "train_modules.head.bias"}
     assert tensors["blocks.0.attn.qkv.q"].shape == (3, 28)
+    assert tensors["blocks.0.attn.qkv.anchor.subspace_sketch"].shape == (24, 32)  # 3 chunks x r, min(4 r, 64)
     with safe_open(path, "pt") as f:
         assert f.metadata()["format"] == "psoft_vision.adapter"
 

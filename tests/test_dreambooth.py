@@ -83,8 +83,9 @@ def test_two_step_run_writes_adapter_lora_grids_class_images_and_metrics(two_ste
     assert header["method"] == method and list(header["layers"]) == layers
     assert header["config"]["targets"] == "auto" and set(header["fingerprints"]) == set(layers)
     params = ("q", "alpha", "beta") if method == "psoft" else ("q",)
-    assert set(tensors) == {f"{layer}.{p}" for layer in layers for p in params}
-    assert result["trainable"] == sum(t.numel() for t in tensors.values())
+    anchors = ("anchor.subspace_sketch",) if method == "psoft" else ()  # the subspace for low-precision loads
+    assert set(tensors) == {f"{layer}.{p}" for layer in layers for p in params + anchors}
+    assert result["trainable"] == sum(tensors[f"{layer}.{p}"].numel() for layer in layers for p in params)
     assert all(tensors[f"{layer}.q"].abs().max() > 0 for layer in layers)  # trained, not the identity
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from ..adapter import Adapter
 from ..bases import Base
 from ..config import AdapterConfig, check_int, check_neumann_terms, check_pattern, pattern_match
-from ..errors import ConfigError
+from ..errors import ConfigError, UnsupportedLayerError
 from ..orthogonal import orthogonal_from_packed, packed_size
 from ..registry import Method
 
@@ -213,6 +213,9 @@ class PSOFTAdapter(Adapter):
         self.grouped = base.kind.groups > 1
         self.weight_shape = tuple(weight.shape)
 
+        if not torch.isfinite(weight).all():
+            raise UnsupportedLayerError(f"{base.name!r} has NaN or infinite weights, which have no principal subspace; "
+                                        "load healthy weights (or leave the layer out of `targets`).")
         factors = [principal_subspace(w, rank, config.svd) for w in weight.flatten(1).chunk(chunks)]
         a = torch.cat([a for a, _ in factors]).to(weight.dtype)  # (chunks * rank, in * kh * kw)
         b = torch.stack([b for _, b in factors]).to(weight.dtype)  # (chunks, out / chunks, rank)
@@ -276,7 +279,40 @@ class PSOFTAdapter(Adapter):
         return (weight.float() + self.delta_weight()).to(weight.dtype)
 
     def describe(self) -> dict:
-        return {"rank": self.rank, "chunks": self.chunks, "svd": self.svd, "weight_shape": list(self.weight_shape)}
+        return {"rank": self.rank, "chunks": self.chunks, "svd": self.svd, "weight_shape": list(self.weight_shape),
+                "weight_dtype": str(self.A.dtype).removeprefix("torch.")}
+
+    def _probe(self) -> torch.Tensor:
+        """The seeded Gaussian (in * kh * kw, k) that sketches the subspace: ``k = min(4 r, in * kh * kw)``
+        columns, enough oversampling that the sketch pins the basis without amplifying rounding noise."""
+        width = self.A.shape[1]
+        gen = torch.Generator().manual_seed(0)
+        return torch.randn(width, min(4 * self.rank, width), generator=gen).to(self.A.device)
+
+    def anchors(self) -> dict[str, torch.Tensor]:
+        """``A @ probe`` in fp16 (``8 r^2`` bytes per layer): the basis of the subspace the adapter trains in."""
+        return {"subspace_sketch": (self.A.float() @ self._probe()).half()}
+
+    def realign(self, anchors: dict[str, torch.Tensor], saved: dict, weight: torch.Tensor) -> None:
+        """On a base of another precision than the one saved, turn the subspace recomputed from the rounded weight
+        into the basis the adapter was trained in.
+
+        The top-r subspace of a rounded weight is close to the original one, but its singular vectors can rotate
+        freely within clusters of nearly equal singular values, and the trained ``C`` acts on them one by one. Per
+        chunk, the r x r map ``M`` with ``M A_new probe = sketch`` (least squares), made orthogonal (its polar
+        factor), gives ``A = M A_new`` and ``B = W A^T``, in fp32 from the weight before either is rounded.
+        """
+        if saved.get("weight_dtype") in (None, str(self.A.dtype).removeprefix("torch.")):
+            return  # the same weights in the same dtype give the same subspace: nothing to correct
+        probe, r = self._probe(), self.rank
+        a_new = self.A.float().unflatten(0, (self.chunks, r))
+        sketch = anchors["subspace_sketch"].float().to(a_new.device).unflatten(0, (self.chunks, r))
+        u, _, vh = torch.linalg.svd(sketch @ torch.linalg.pinv(a_new @ probe))  # (chunks, r, r)
+        a = (u @ vh) @ a_new
+        rows = weight.detach().float().flatten(1).unflatten(0, (self.chunks, -1))  # (chunks, out / chunks, in)
+        self.A.copy_(a.flatten(0, 1).to(self.A.dtype))
+        self.B.copy_((rows @ a.mT).to(self.B.dtype))
+        self._cache = None
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, chunks={self.chunks}, neumann_terms={self.neumann_terms}"

@@ -4,7 +4,7 @@ timm models: the linear and dense convolution layers inside the repeated blocks 
 ``group_matcher`` defines them (a generic rule for the few models without one): attention projections, MLP and
 pointwise layers, the 3x3 convolutions of residual blocks. Never the stem or a patch embedding (no layer that reads
 the image's channels), the classifier (``pretrained_cfg["classifier"]``), the final norm or convolution after the
-blocks, normalisation layers or grouped convolutions.
+blocks, normalisation layers, grouped convolutions or layers with a single input channel.
 
 diffusers denoisers: every linear layer of every attention module (the context stream's projections included), the
 linear and 1x1 convolution layers of the transformer blocks (feed-forward, single-stream MLPs and projections; a
@@ -105,6 +105,12 @@ def _reads_image(module: nn.Module, channels: int) -> bool:
     return isinstance(layer, nn.Conv2d) and layer.in_channels == channels
 
 
+def _reads_one_channel(module: nn.Module) -> bool:
+    """A layer with one input feature or channel (CSATv2's 1-wide spatial attention): a per-channel filter like a
+    depthwise one, with nothing for a rotation of its input to mix."""
+    return _layer(module).weight.shape[1] == 1
+
+
 def timm_targets(model: nn.Module) -> list[str]:
     """The layers of a timm model that ``"auto"`` adapts (see the module docstring)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -117,6 +123,7 @@ def timm_targets(model: nn.Module) -> list[str]:
         in_block = lambda name: name.startswith(prefixes)  # noqa: E731
     return [name for name, module in candidate_modules(model)
             if dense_layer(module) and in_block(name) and not _reads_image(module, channels)
+            and not _reads_one_channel(module)
             and not any(name == c or name.startswith(c + ".") for c in classifier)]
 
 
