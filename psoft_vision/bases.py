@@ -96,6 +96,9 @@ def base_of(module: nn.Module, name: str, pretrained_weight: torch.Tensor | None
         raise UnsupportedLayerError(
             f"{name!r} ({type(module).__name__}) has no materialised weight yet (a lazy or meta-device layer); run "
             "one forward pass (or load the weights) before inject.")
+    if not torch.isfinite(pretrained_weight if pretrained_weight is not None else weight.detach()).all():
+        raise UnsupportedLayerError(f"{name!r} has NaN or infinite weights: the base model is damaged (or diverged "
+                                    "in training); load healthy weights, or leave the layer out of `targets`.")
     if module.weight.numel() == 0:
         raise UnsupportedLayerError(f"{name!r} has an empty weight {tuple(module.weight.shape)}; leave it out of "
                                     "`targets`.")

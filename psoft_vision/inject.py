@@ -65,9 +65,9 @@ def inject(model: nn.Module, config: AdapterConfig | None = None, name: str = "d
     for layer_name, adapter in adapters.items():
         module = model.get_submodule(layer_name)
         if not isinstance(module, AdaptedLayer):
-            module = AdaptedLayer(module)
+            module = AdaptedLayer(module).train(module.training)
             model.set_submodule(layer_name, module)
-        module.add(name, adapter)
+        module.add(name, adapter.train(module.training))  # an eval-mode model stays in eval mode: no dropout
     for module_name in trained:
         model.get_submodule(module_name).requires_grad_(True)
     return model

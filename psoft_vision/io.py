@@ -249,6 +249,11 @@ def _load_tensors(model, name, header, tensors, path) -> None:
     if wrong:
         raise KeyMismatchError(f"{str(path)!r} has tensors of the wrong shape: {wrong[:3]}; it was saved from a "
                                "model of another size.")
+    wrong = [f"{k}: {str(tensors[k].dtype).removeprefix('torch.')}" for k, t in expected.items()
+             if t.is_floating_point() and not tensors[k].is_floating_point()]
+    if wrong:
+        raise KeyMismatchError(f"{str(path)!r} holds non-floating tensors where the adapter has floating ones: "
+                               f"{wrong[:3]}; the file was edited or written by other code.")
     anchor_keys = set()
     with torch.no_grad():
         for layer_name, layer in adapted_layers(model):

@@ -20,7 +20,7 @@ from torch import nn
 from ..adapter import Adapter
 from ..bases import Base
 from ..config import AdapterConfig, check_int, check_neumann_terms, check_pattern, pattern_match
-from ..errors import ConfigError, UnsupportedLayerError
+from ..errors import ConfigError
 from ..orthogonal import orthogonal_from_packed, packed_size
 from ..registry import Method
 
@@ -213,9 +213,6 @@ class PSOFTAdapter(Adapter):
         self.grouped = base.kind.groups > 1
         self.weight_shape = tuple(weight.shape)
 
-        if not torch.isfinite(weight).all():
-            raise UnsupportedLayerError(f"{base.name!r} has NaN or infinite weights, which have no principal subspace; "
-                                        "load healthy weights (or leave the layer out of `targets`).")
         factors = [principal_subspace(w, rank, config.svd) for w in weight.flatten(1).chunk(chunks)]
         a = torch.cat([a for a, _ in factors]).to(weight.dtype)  # (chunks * rank, in * kh * kw)
         b = torch.stack([b for _, b in factors]).to(weight.dtype)  # (chunks, out / chunks, rank)
