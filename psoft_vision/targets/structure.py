@@ -14,6 +14,7 @@ inside a normalisation or modulation module, one named for modulation or adaLN, 
 ``Sequential(SiLU(), Linear)``), the patch embedding or the final projection of the model.
 """
 
+import math
 import re
 from collections.abc import Iterator
 
@@ -22,8 +23,9 @@ from torch import nn
 from ..bases import CONV2D, LINEAR, classify
 from ..layer import AdaptedLayer
 
-#: timm's group_matcher marks what follows the blocks (final norm, conv_head) with this ordinal or a large one.
-_TAIL_ORDINAL = 99
+#: A group_matcher pattern with a suffix this large sorts after its group's blocks: timm's MATCH_PREV_GROUP (99999)
+#: joins it to the group before it, Xception's 99 puts its exit convs after the last block.
+_LATE_SUFFIX = 99
 
 
 def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -56,11 +58,21 @@ def is_diffusers_model(model: nn.Module) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------------- timm
-def _timm_in_block(model: nn.Module):
-    """``name -> bool``: is the module inside a block, by the model's ``group_matcher``; None if it has none.
+def _specs(spec) -> list[tuple[str, tuple | None]]:
+    """A group's patterns as ``(regex, suffix)`` pairs, from a string, a list of strings or a list of pairs."""
+    if isinstance(spec, str):
+        return [(spec, None)]
+    return [(s, None) if isinstance(s, str) else (s[0], s[1]) for s in spec or ()]
 
-    A dict matcher names its stem and block patterns (block patterns with a large ordinal mark what follows the
-    blocks); a function matcher gives each parameter an ordinal, 0 for the stem and infinity for the head.
+
+def _timm_groups(model: nn.Module):
+    """``name -> "stem" | "block" | "late" | None`` by the model's ``group_matcher``; None if it has none.
+
+    A dict matcher lists patterns per group: ``stem`` first, the blocks under any other key (``blocks``, HRNet's
+    ``block_types``, XCiT's ``cls_attn_blocks``, CoaT's ``stem2`` between stages, ...). A pattern with a large suffix
+    (``_LATE_SUFFIX``) sorts after the blocks it follows: a transition between stages, or a final norm or conv after
+    the last block ("late"). A function matcher gives each parameter an ordinal, 0 for the stem and infinity for the
+    head. What no pattern matches is the head (None).
     """
     matcher = getattr(model, "group_matcher", None)
     try:
@@ -68,20 +80,37 @@ def _timm_in_block(model: nn.Module):
     except Exception:  # a model whose matcher needs what it was not built with
         return None
     if callable(groups):
-        def in_block(name: str) -> bool:
+        def group(name: str) -> str | None:
             ordinal = groups(name + ".weight")
             first = ordinal[0] if isinstance(ordinal, tuple | list) else ordinal
-            return 0 < first < _TAIL_ORDINAL
-        return in_block
-    if not isinstance(groups, dict) or not groups.get("blocks"):
+            return "block" if 0 < first < math.inf else "stem" if first == 0 else None
+        return group
+    if not isinstance(groups, dict) or not any(key != "stem" and spec for key, spec in groups.items()):
         return None
-    specs = groups["blocks"]
-    specs = [(specs, None)] if isinstance(specs, str) else specs
-    blocks = [re.compile(p) for p, ordinal in specs if not (ordinal and ordinal[0] >= _TAIL_ORDINAL)]
-    stems = groups.get("stem") or []
-    stems = [re.compile(p) for p in ([stems] if isinstance(stems, str) else stems)]
-    return lambda name: (any(p.match(name + ".weight") for p in blocks)
-                         and not any(p.match(name + ".weight") for p in stems))
+    patterns = [(key == "stem", re.compile(p), bool(suffix) and suffix[-1] >= _LATE_SUFFIX)
+                for key, spec in groups.items() for p, suffix in _specs(spec)]
+
+    def group(name: str) -> str | None:
+        hits = [(stem, late) for stem, pattern, late in patterns if pattern.match(name + ".weight")]
+        if any(stem for stem, _ in hits):
+            return "stem"
+        if any(not late for _, late in hits):
+            return "block"
+        return "late" if hits else None
+    return group
+
+
+def _timm_in_block(model: nn.Module, names: list[str]) -> set[str] | None:
+    """Which of ``names`` (in model order) are inside the blocks by the model's ``group_matcher``; None if it has
+    none. A "late" layer is inside when a block follows it (DenseNet's transitions, HRNet's), and after the blocks
+    otherwise (a final conv_head)."""
+    group = _timm_groups(model)
+    if group is None:
+        return None
+    groups = [group(name) for name in names]
+    last_block = max((i for i, g in enumerate(groups) if g == "block"), default=-1)
+    return {name for i, (name, g) in enumerate(zip(names, groups, strict=True))
+            if g == "block" or (g == "late" and i < last_block)}
 
 
 def repeated_blocks(model: nn.Module) -> list[str]:
@@ -108,7 +137,8 @@ def _reads_image(module: nn.Module, channels: int) -> bool:
 def _reads_one_channel(module: nn.Module) -> bool:
     """A layer with one input feature or channel (CSATv2's 1-wide spatial attention): a per-channel filter like a
     depthwise one, with nothing for a rotation of its input to mix."""
-    return _layer(module).weight.shape[1] == 1
+    layer = _layer(module)  # by its geometry: a quantized layer's packed weight has no meaningful shape
+    return (layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels // layer.groups) == 1
 
 
 def timm_targets(model: nn.Module) -> list[str]:
@@ -117,13 +147,13 @@ def timm_targets(model: nn.Module) -> list[str]:
     classifier = cfg.get("classifier") or ()
     classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
     channels = _image_channels(model)
-    in_block = _timm_in_block(model)
+    layers = [(name, module) for name, module in candidate_modules(model) if dense_layer(module)]
+    in_block = _timm_in_block(model, [name for name, _ in layers])
     if in_block is None:
         prefixes = tuple(b + "." for b in repeated_blocks(model))
-        in_block = lambda name: name.startswith(prefixes)  # noqa: E731
-    return [name for name, module in candidate_modules(model)
-            if dense_layer(module) and in_block(name) and not _reads_image(module, channels)
-            and not _reads_one_channel(module)
+        in_block = {name for name, _ in layers if name.startswith(prefixes)}
+    return [name for name, module in layers
+            if name in in_block and not _reads_image(module, channels) and not _reads_one_channel(module)
             and not any(name == c or name.startswith(c + ".") for c in classifier)]
 
 
