@@ -13,6 +13,7 @@ from .errors import (
     ConfigError,
     KeyMismatchError,
     LoRAExportError,
+    MergeError,
     NotLowRankError,
     PSOFTVisionError,
     TargetNotFoundError,
@@ -25,6 +26,7 @@ from .io import load_adapter, read_adapter, save_adapter
 from .layer import AdaptedLayer
 from .lifecycle import activate, adapted_layers, adapter_names, disabled, merge, remove, set_strength, unmerge
 from .methods import OFTConfig, PSOFTConfig
+from .quantized import quantize_base
 from .registry import Method, get_method, register_method, registered_methods, unregister_method
 from .targets import PRESETS
 
@@ -41,6 +43,7 @@ __all__ = [
     "ConfigError",
     "KeyMismatchError",
     "LoRAExportError",
+    "MergeError",
     "Method",
     "NotLowRankError",
     "OFTConfig",
@@ -58,6 +61,7 @@ __all__ = [
     "inject",
     "load_adapter",
     "merge",
+    "quantize_base",
     "read_adapter",
     "register_method",
     "registered_methods",

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedLayerError
+from .quantized import dequantized_weight, quantization_of
 
 LINEAR, CONV2D = "linear", "conv2d"
 
@@ -30,6 +31,7 @@ class LayerKind:
     name: str  # LINEAR or CONV2D
     groups: int = 1
     weight_path: bool = False  # the adapter must act on the weight (see the module docstring)
+    quantized: str | None = None  # "bnb-nf4", "torchao-int8", ... (psoft_vision.quantized): the layer runs as it is
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,9 +53,17 @@ class Base:
         return self.module.weight.device
 
     def pretrained_weight(self) -> torch.Tensor:
-        """The pretrained weight, detached, in its stored dtype."""
-        weight = self.module.weight if self.weight_override is None else self.weight_override
-        return weight.detach()
+        """The pretrained weight, detached, in its stored dtype; a quantized layer's dequantized, in fp32."""
+        if self.weight_override is not None:
+            return self.weight_override.detach()
+        return weight_of(self.module, self.kind)
+
+
+def weight_of(module: nn.Module, kind: LayerKind) -> torch.Tensor:
+    """What the layer computes with, detached: its weight, or its dequantized weight (fp32)."""
+    if kind.quantized:
+        return dequantized_weight(module, kind.quantized)
+    return module.weight.detach()
 
 
 def _weight_reparametrized(module: nn.Module) -> str | None:
@@ -67,9 +77,13 @@ def _weight_reparametrized(module: nn.Module) -> str | None:
     return None
 
 
-def classify(module: nn.Module) -> LayerKind | None:
-    """The kind of a layer adapters support, or None."""
+def classify(module: nn.Module, name: str = "") -> LayerKind | None:
+    """The kind of a layer adapters support, or None; a layer with an unsupported quantized weight is an
+    ``UnsupportedLayerError``."""
     if isinstance(module, nn.Linear):
+        quantized = quantization_of(module, name)
+        if quantized:
+            return LayerKind(LINEAR, quantized=quantized)
         return LayerKind(LINEAR, weight_path=type(module) is not nn.Linear)
     if isinstance(module, nn.Conv2d) and not isinstance(module, nn.ConvTranspose2d):
         plain = type(module) is nn.Conv2d and module.padding_mode == "zeros" and module.groups == 1
@@ -79,7 +93,7 @@ def classify(module: nn.Module) -> LayerKind | None:
 
 def base_of(module: nn.Module, name: str, pretrained_weight: torch.Tensor | None = None) -> Base:
     """The :class:`Base` of ``module`` (named ``name`` in its model), or an ``UnsupportedLayerError``."""
-    kind = classify(module)
+    kind = classify(module, name)
     if kind is None:
         raise UnsupportedLayerError(
             f"{name!r} is a {type(module).__name__}; adapters support linear and 2-D convolution layers "
@@ -91,6 +105,8 @@ def base_of(module: nn.Module, name: str, pretrained_weight: torch.Tensor | None
             "what it computes. Fold it into a plain weight first (torch.nn.utils.remove_weight_norm or "
             "parametrize.remove_parametrizations(module, 'weight')), then inject.")
     weight = getattr(module, "weight", None)
+    if kind.quantized:  # its packed storage says nothing of its shape
+        return Base(module, name, kind, (module.out_features, module.in_features), None, pretrained_weight)
     if not isinstance(weight, nn.Parameter) or isinstance(weight, nn.parameter.UninitializedParameter) \
             or weight.is_meta:
         raise UnsupportedLayerError(

@@ -50,3 +50,7 @@ class LoRAExportError(ConfigError):
 
 class NotLowRankError(LoRAExportError):
     """The adapter's update is not low rank (OFTv2): only ``full_deltas=True`` can export it exactly."""
+
+
+class MergeError(PSOFTVisionError, ValueError):
+    """Adapters cannot be merged into these layers (quantized bases)."""

@@ -19,11 +19,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .bases import classify, weight_of
 from .errors import AdapterFileError, AdapterVersionError, BaseModelMismatchError, KeyMismatchError
 from .files import atomic_write
 from .fingerprint import fingerprint, mismatch
 from .identify import describe_foreign
 from .inject import inject
+from .layer import AdaptedLayer
 from .lifecycle import _unmerged, adapted_layers, one_adapter_name, remove, set_strength
 from .registry import get_method
 
@@ -153,7 +155,11 @@ def _check_base(model: nn.Module, header: dict, path: Path) -> None:
     differ = []
     for layer_name, saved in header["fingerprints"].items():
         module = model.get_submodule(layer_name)
-        weight = module.pretrained_weight if hasattr(module, "pretrained_weight") else module.weight
+        if isinstance(module, AdaptedLayer):
+            weight = module.pretrained_weight
+        else:
+            kind = classify(module, layer_name)
+            weight = module.weight if kind is None else weight_of(module, kind)
         why = mismatch(saved, weight)
         if why:
             differ.append(f"{layer_name!r} ({why})")

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .adapter import Adapter
-from .bases import classify
+from .bases import classify, weight_of
 
 
 class AdaptedLayer(nn.Module):
@@ -28,7 +28,7 @@ class AdaptedLayer(nn.Module):
     def __init__(self, base: nn.Module):
         super().__init__()
         self.base = base
-        self.weight_path = classify(base).weight_path
+        self.kind = classify(base)
         self.adapters = nn.ModuleDict()
         self.active: list[str] = []
         self.merged: list[str] = []  # always a prefix of ``active``: those folded into base.weight
@@ -36,8 +36,11 @@ class AdaptedLayer(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The effective weight: the base weight with every unmerged active adapter applied, differentiably."""
+        """The effective weight: the base weight with every unmerged active adapter applied, differentiably. A
+        quantized base's packed weight is returned as it is: adapters act around it, never on it."""
         weight = self.base.weight
+        if self.kind.quantized:
+            return weight
         for name in self.active[len(self.merged):]:
             weight = self.adapters[name].merge_into(weight)
         return weight
@@ -58,8 +61,10 @@ class AdaptedLayer(nn.Module):
 
     @property
     def pretrained_weight(self) -> torch.Tensor:
-        """The base weight without any adapter merged in."""
-        return self.base.weight if self.original_weight is None else self.original_weight
+        """The base weight without any adapter merged in (a quantized base's dequantized, in fp32)."""
+        if self.original_weight is not None:
+            return self.original_weight
+        return weight_of(self.base, self.kind)
 
     def add(self, name: str, adapter: Adapter) -> None:
         """Stack ``adapter`` on top (outermost); the merged adapters, a prefix of the active ones, stay merged."""
@@ -67,7 +72,7 @@ class AdaptedLayer(nn.Module):
         self.active.append(name)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # named like nn.Linear's: some callers pass input=
-        if self.weight_path and len(self.active) > len(self.merged):
+        if self.kind.weight_path and len(self.active) > len(self.merged):
             return torch.func.functional_call(self.base, {"weight": self.weight}, (input,))
         layer = self.base
         for name in self.active[len(self.merged) :]:
@@ -76,7 +81,8 @@ class AdaptedLayer(nn.Module):
 
     @torch.no_grad()
     def merge(self, upto: str | None = None) -> None:
-        """Fold the active adapters (up to and including ``upto``) into the base weight, innermost first."""
+        """Fold the active adapters (up to and including ``upto``) into the base weight, innermost first.
+        (``psoft_vision.merge`` refuses quantized bases before any layer is merged.)"""
         stop = len(self.active) if upto is None else self.active.index(upto) + 1
         for name in self.active[len(self.merged) : stop]:
             if self.original_weight is None:

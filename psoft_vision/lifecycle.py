@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from .errors import AdapterNameError, ConfigError
+from .errors import AdapterNameError, ConfigError, MergeError
 from .layer import AdaptedLayer
 
 #: The attribute under which inject keeps the model's requires_grad flags from before its first adapter.
@@ -57,9 +57,18 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
     """
     if name is not None:
         _check_names(model, [name])
-    for _, layer in adapted_layers(model):
-        if name is None or name in layer.active:
-            layer.merge(upto=name)
+    layers = [layer for _, layer in adapted_layers(model) if name is None or name in layer.active]
+    quantized = [n for n, layer in adapted_layers(model) if layer in layers and layer.kind.quantized]
+    if quantized:
+        kinds = sorted({model.get_submodule(n).kind.quantized for n in quantized})
+        raise MergeError(
+            f"{len(quantized)} adapted layers have quantized bases ({', '.join(kinds)}; first: {quantized[0]!r}): "
+            "merging would have to re-quantize the adapted weight and lose what the adapter learned below the "
+            "quantization step. Keep the adapters unmerged, export them with psoft_vision.export_lora and load the "
+            "LoRA onto the quantized base, or load the adapter file onto a floating copy of the base and merge there."
+        )
+    for layer in layers:
+        layer.merge(upto=name)
     return model
 
 

@@ -89,6 +89,7 @@ class OFTAdapter(Adapter):
         if asked is not None:
             self.adjusted = {"block_size": (asked, block_size, "does not divide the input width of")}
         self.block_size, self.blocks = block_size, base.in_features // block_size
+        self.quantization = base.kind.quantized  # the base runs as it is, on the rotated input
         self.neumann_terms, self.p = config.neumann_terms, config.dropout
         self.q = nn.Parameter(torch.zeros(self.blocks, packed_size(block_size), device=base.device))
 
@@ -117,7 +118,7 @@ class OFTAdapter(Adapter):
         return torch.einsum("goki...,gkij->gokj...", w, r).flatten(2, 3).flatten(0, 1).to(weight.dtype)
 
     def describe(self) -> dict:
-        return {"block_size": self.block_size, "blocks": self.blocks}
+        return {"block_size": self.block_size, "blocks": self.blocks, "quantization": self.quantization}
 
     def extra_repr(self) -> str:
         return f"block_size={self.block_size}, blocks={self.blocks}, neumann_terms={self.neumann_terms}"

@@ -68,7 +68,7 @@ def principal_subspace(weight: torch.Tensor, rank: int, svd: str = "full") -> tu
     equal singular values).
     """
     if svd == "full":
-        a, b = _top_singular(weight.detach().double(), rank)
+        a, b = _top_singular(weight.detach(), rank)
     else:
         with torch.random.fork_rng(devices=[weight.device] if weight.is_cuda else []):
             torch.manual_seed(0)
@@ -80,17 +80,28 @@ def principal_subspace(weight: torch.Tensor, rank: int, svd: str = "full") -> tu
     return (signs[:, None] * a).float(), (b * signs).float()
 
 
+_SLICES = 8  # the weight is read in eighths: an fp64 slice is a quarter of the fp32 weight
+
+
+def _slices(length: int) -> list[slice]:
+    step = max(1, -(-length // _SLICES))
+    return [slice(start, start + step) for start in range(0, length, step)]
+
+
 def _top_singular(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(V_r^T, U_r S_r)`` of ``w`` from the eigenvectors of its smaller Gram matrix (eigh sorts ascending)."""
+    """``(V_r^T, U_r S_r)`` of ``w`` in fp64 from the eigenvectors of its smaller Gram matrix (eigh sorts
+    ascending). ``w`` is read in fp64 slices, never copied whole: besides the weight itself, the peak is the Gram
+    matrix and one slice, which keeps a large (or a just dequantized) layer near one copy of its own size."""
+    rows, columns = _slices(w.shape[0]), _slices(w.shape[1])
     if w.shape[0] >= w.shape[1]:
-        v = torch.linalg.eigh(w.T @ w).eigenvectors[:, -rank:].flip(-1)
-        return v.T, w @ v
-    values, u = torch.linalg.eigh(w @ w.T)
+        v = torch.linalg.eigh(sum(w[s].double().T @ w[s].double() for s in rows)).eigenvectors[:, -rank:].flip(-1)
+        return v.T, torch.cat([w[s].double() @ v for s in rows])
+    values, u = torch.linalg.eigh(sum(w[:, s].double() @ w[:, s].double().T for s in columns))
     u, s = u[:, -rank:].flip(-1), values[-rank:].flip(-1).clamp_min(0).sqrt()
     if s[-1] <= 1e-6 * s[0]:  # V = W^T U / S breaks down on (numerically) zero singular values
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
         return vh[:rank], u[:, :rank] * s[:rank]
-    return (u.T @ w) / s[:, None], u * s
+    return torch.cat([u.T @ w[:, c].double() for c in columns], dim=1) / s[:, None], u * s
 
 
 def _fusable(inner, conv: dict | None) -> bool:
@@ -211,6 +222,7 @@ class PSOFTAdapter(Adapter):
             rank = max_rank
         self.rank, self.chunks, self.neumann_terms, self.svd = rank, chunks, config.neumann_terms, config.svd
         self.grouped = base.kind.groups > 1
+        self.quantization = base.kind.quantized  # the base runs as it is; the r-wide path is added to its output
         self.weight_shape = tuple(weight.shape)
 
         factors = [principal_subspace(w, rank, config.svd) for w in weight.flatten(1).chunk(chunks)]
@@ -259,7 +271,8 @@ class PSOFTAdapter(Adapter):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         up = self.up_weight().to(dtype)
         a = self.A.to(dtype)
-        if _fusable(inner, self.conv) and not (self.training and isinstance(self.dropout, nn.Dropout)):
+        if self.quantization is None and _fusable(inner, self.conv) and not (
+                self.training and isinstance(self.dropout, nn.Dropout)):
             with torch.autocast(x.device.type, enabled=False):
                 x, weight = x.to(dtype), inner.weight.to(dtype)
                 bias = None if inner.bias is None else inner.bias.to(dtype)
@@ -277,7 +290,7 @@ class PSOFTAdapter(Adapter):
 
     def describe(self) -> dict:
         return {"rank": self.rank, "chunks": self.chunks, "svd": self.svd, "weight_shape": list(self.weight_shape),
-                "weight_dtype": str(self.A.dtype).removeprefix("torch.")}
+                "weight_dtype": str(self.A.dtype).removeprefix("torch."), "quantization": self.quantization}
 
     def _probe(self) -> torch.Tensor:
         """The seeded Gaussian (in * kh * kw, k) that sketches the subspace: ``k = min(4 r, in * kh * kw)``

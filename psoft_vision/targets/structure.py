@@ -137,7 +137,8 @@ def _reads_image(module: nn.Module, channels: int) -> bool:
 def _reads_one_channel(module: nn.Module) -> bool:
     """A layer with one input feature or channel (CSATv2's 1-wide spatial attention): a per-channel filter like a
     depthwise one, with nothing for a rotation of its input to mix."""
-    return _layer(module).weight.shape[1] == 1
+    layer = _layer(module)  # by its geometry: a quantized layer's packed weight has no meaningful shape
+    return (layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels // layer.groups) == 1
 
 
 def timm_targets(model: nn.Module) -> list[str]:

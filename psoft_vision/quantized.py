@@ -1,0 +1,145 @@
+"""Quantized frozen bases (QOFT, QPSOFT): which quantized linear layers adapters take, how their weight is read,
+and :func:`quantize_base` for models that were not loaded quantized.
+
+Supported (extra ``quant``):
+
+- bitsandbytes ``Linear4bit`` (NF4 and FP4, with or without double quantization) and ``Linear8bitLt`` (int8 with
+  fp16 outliers off, ``has_fp16_weights=False``);
+- torchao int8 weight-only (``Int8WeightOnlyConfig``: an ``Int8Tensor`` weight on an ``nn.Linear``). torchao's
+  int4 weight-only needs CUDA (or its ``mslk`` kernels) and is not supported.
+
+The quantized layer always runs as it is: OFT rotates its input, PSOFT adds its r-wide path to its output. Only
+PSOFT reads the weight, once, at inject, dequantized to fp32 one layer at a time; the principal subspace is that
+of the dequantized weight, so the quantization error stays in the frozen residual. Any other layer whose weight is
+quantized (a tensor subclass, or a weight of a non-floating dtype) is refused by name.
+"""
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, UnsupportedLayerError
+
+SUPPORTED = ("bitsandbytes Linear4bit (nf4, fp4) and Linear8bitLt (int8), torchao int8 weight-only")
+#: quantize_base's schemes: library, kind, options.
+SCHEMES = {
+    "nf4": ("bitsandbytes", "4bit", dict(quant_type="nf4", compress_statistics=False)),
+    "nf4-double": ("bitsandbytes", "4bit", dict(quant_type="nf4", compress_statistics=True)),
+    "fp4": ("bitsandbytes", "4bit", dict(quant_type="fp4", compress_statistics=False)),
+    "int8": ("bitsandbytes", "8bit", {}),
+    "int8-torchao": ("torchao", "int8", {}),
+}
+
+
+def _refuse(name: str, module: nn.Module, what: str) -> UnsupportedLayerError:
+    return UnsupportedLayerError(f"{name!r} ({type(module).__name__}) {what}; adapters take these quantized layers: "
+                                 f"{SUPPORTED}. Leave it out of `targets`, or quantize with "
+                                 "psoft_vision.quantize_base.")
+
+
+def quantization_of(module: nn.Module, name: str = "") -> str | None:
+    """The quantization of a linear layer's weight (``"bnb-nf4"``, ``"bnb-nf4-double"``, ``"bnb-fp4"``,
+    ``"bnb-int8"``, ``"torchao-int8"``), None for a floating weight, or an ``UnsupportedLayerError`` for any other
+    quantization."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return None
+    kind = type(weight).__name__
+    if type(weight).__module__.startswith("bitsandbytes"):
+        if kind == "Params4bit":
+            if not getattr(weight, "bnb_quantized", False) or weight.quant_state is None:
+                raise _refuse(name, module, "holds a Params4bit weight that is not quantized yet (bitsandbytes "
+                                            "quantizes on the first .to(device))")
+            nested = "-double" if getattr(weight.quant_state, "nested", False) else ""  # quantized scales
+            return f"bnb-{weight.quant_state.quant_type}{nested}"
+        if kind == "Int8Params" and weight.dtype == torch.int8 and _int8_scales(module) is not None:
+            return "bnb-int8"
+        raise _refuse(name, module, f"holds a bitsandbytes {kind} weight of dtype {weight.dtype}")
+    if type(weight).__module__.startswith("torchao"):
+        if kind == "Int8Tensor":
+            return "torchao-int8"
+        raise _refuse(name, module, f"holds a torchao {kind} weight")
+    if type(weight) not in (torch.Tensor, nn.Parameter):
+        raise _refuse(name, module, f"holds a weight of tensor subclass {type(weight).__name__}")
+    if not weight.is_floating_point():
+        raise _refuse(name, module, f"holds a weight of dtype {weight.dtype}")
+    return None
+
+
+def _int8_scales(module: nn.Module) -> torch.Tensor | None:
+    """A Linear8bitLt's per-row scales: on its weight until the first forward, on its matmul state after."""
+    scales = getattr(module.weight, "SCB", None)
+    state = getattr(module, "state", None)
+    return scales if scales is not None else getattr(state, "SCB", None)
+
+
+@torch.no_grad()
+def dequantized_weight(module: nn.Module, quantization: str) -> torch.Tensor:
+    """The weight a quantized layer computes with, in fp32, (out, in)."""
+    weight = module.weight
+    if quantization.startswith("bnb-") and quantization != "bnb-int8":
+        from bitsandbytes.functional import dequantize_4bit
+
+        return dequantize_4bit(weight.data, weight.quant_state).float()
+    if quantization == "bnb-int8":
+        return weight.data.float() * (_int8_scales(module).float()[:, None] / 127)
+    return weight.dequantize().float()
+
+
+def _linears(model: nn.Module, skip: set[str]) -> list[str]:
+    return [n for n, m in model.named_modules() if type(m) is nn.Linear and n not in skip
+            and not any(n.startswith(s + ".") for s in skip)]
+
+
+def default_skip(model: nn.Module) -> set[str]:
+    """Layers kept in floating point: a timm model's classifier, a diffusers model's fp32 modules."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    classifier = cfg.get("classifier") or ()
+    keep = set((classifier,) if isinstance(classifier, str) else classifier)
+    keep.update(getattr(model, "_keep_in_fp32_modules", None) or ())
+    return keep
+
+
+def _bnb_linear(linear: nn.Linear, kind: str, options: dict) -> nn.Module:
+    import bitsandbytes as bnb
+
+    bias = linear.bias is not None
+    if kind == "4bit":
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias,
+                                  compute_dtype=linear.weight.dtype, **options)
+        layer.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, module=layer,
+                                         quant_type=options["quant_type"],
+                                         compress_statistics=options["compress_statistics"])
+    else:
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False)
+        layer.weight = bnb.nn.Int8Params(linear.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+    if bias:
+        layer.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    return layer.to(linear.weight.device)  # bitsandbytes quantizes on the move to a device
+
+
+def quantize_base(model: nn.Module, scheme: str = "nf4", skip=None) -> nn.Module:
+    """Quantize the model's ``nn.Linear`` layers in place (before ``inject``), for models not loaded quantized.
+
+    ``scheme``: one of :data:`SCHEMES` (``"nf4"`` is QLoRA's). ``skip``: module names kept in floating point
+    (default: a timm classifier, a diffusers model's ``_keep_in_fp32_modules``). Convolutions stay as they are.
+    Every replacement is built before the model changes, so a failure leaves it as it was.
+    """
+    from .lifecycle import adapted_layers
+
+    if scheme not in SCHEMES:
+        raise ConfigError(f"scheme={scheme!r} is not one of {', '.join(SCHEMES)}.")
+    if any(True for _ in adapted_layers(model)):
+        raise ConfigError("the model already has adapters: quantize the base first, then inject (the adapters "
+                          "must be built on the weights the quantized layers compute with).")
+    library, kind, options = SCHEMES[scheme]
+    names = _linears(model, set(default_skip(model) if skip is None else skip))
+    if library == "torchao":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        chosen = set(names)
+        quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: fqn in chosen)
+        return model
+    replacements = {n: _bnb_linear(model.get_submodule(n), kind, options) for n in names}
+    for n, layer in replacements.items():
+        model.set_submodule(n, layer)
+    return model
