@@ -27,16 +27,44 @@ def _timed(fn, device, repeats):
     return statistics.median(times)
 
 
-def _adapter_bytes(model, method) -> int | None:
-    if method in ("floor", "full"):
-        return None
+def _adapter_bytes(model) -> int | None:
+    import psoft_vision as pv
+
     with tempfile.TemporaryDirectory() as tmp:
-        if method.startswith("peft-"):
+        if hasattr(model, "peft_config"):
             model.save_pretrained(tmp)
             return sum(p.stat().st_size for p in Path(tmp).rglob("*.safetensors"))
-        from psoft_vision.io import save_adapter
+        if not pv.adapter_names(model):
+            return None
+        return pv.save_adapter(model, Path(tmp, "adapter.safetensors")).stat().st_size
 
-        return save_adapter(model, Path(tmp, "adapter.safetensors")).stat().st_size
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    """Storage of a tensor, with a bitsandbytes weight's quantization state and a tensor subclass's parts."""
+    if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, torch.nn.Parameter):
+        return sum(_tensor_bytes(getattr(t, name)) for name in t.__tensor_flatten__()[0])
+    state = getattr(t, "quant_state", None)
+    extra = sum(v.numel() * v.element_size() for v in state.as_dict(packed=True).values()
+                if isinstance(v, torch.Tensor)) if state is not None else 0
+    scales = getattr(t, "SCB", None)
+    return t.numel() * t.element_size() + extra + (scales.numel() * scales.element_size() if scales is not None else 0)
+
+
+def base_kind(model) -> str:
+    """The quantizations of the model's linear layers ("bnb-nf4", ...), or "float"."""
+    from psoft_vision.bases import classify
+
+    kinds = set()
+    for module in model.modules():
+        kind = classify(module) if isinstance(module, torch.nn.Linear) else None
+        if kind is not None and kind.quantized:
+            kinds.add(kind.quantized)
+    return ",".join(sorted(kinds)) or "float"
+
+
+def base_bytes(model) -> int:
+    """Bytes of the frozen weights: what a quantized base saves."""
+    return sum(_tensor_bytes(p) for p in model.parameters() if not p.requires_grad)
 
 
 def run_config(workload: str, method: str, steps: int, warmup: int, device: str) -> dict:
@@ -73,9 +101,10 @@ def run_config(workload: str, method: str, steps: int, warmup: int, device: str)
             merge(model)
             merged_s = _timed(lambda: loss_fn(model, inputs[0]), device, max(3, steps // 2))
     return dict(
-        workload=workload, method=method, device=str(device), trainable=sum(p.numel() for p in trainable),
+        workload=workload, method=method, device=str(device), base=base_kind(model),
+        trainable=sum(p.numel() for p in trainable),
         setup_s=setup_s, step_ms=1000 * statistics.median(step_s), step_ms_all=[1000 * s for s in step_s],
-        peak_mib=peak, adapter_bytes=_adapter_bytes(model, method), infer_ms=1000 * infer_s,
+        peak_mib=peak, base_mib=base_bytes(model) / 2**20, adapter_bytes=_adapter_bytes(model), infer_ms=1000 * infer_s,
         infer_merged_ms=None if merged_s is None else 1000 * merged_s,
     )
 

@@ -1,5 +1,6 @@
-"""The configurations the benchmark compares: every registered psoft_vision method, named variants of them, PEFT's
-methods on exactly the same layers, and two references (the frozen floor and full fine-tuning).
+"""The configurations the benchmark compares: every registered psoft_vision method, named variants of them (the
+quantized ones, qpsoft and qoft, on a bitsandbytes NF4 base), PEFT's methods on exactly the same layers (peft-qlora
+on the same NF4 base), and two references (the frozen floor and full fine-tuning).
 
 Each is ``apply(model, spec) -> (model, merge or None)``, where ``spec`` is the workload's (see workloads.py).
 """
@@ -45,14 +46,27 @@ def _full(model, spec):
     return model, None
 
 
+def on_quantized_base(apply, scheme: str = "nf4"):
+    """``apply`` after the model's linears are quantized (QLoRA's NF4 by default); no merge: a quantized base is
+    not merged into."""
+
+    def quantized(model, spec):
+        model, _ = apply(pv.quantize_base(model, scheme), spec)
+        return model, None
+
+    return quantized
+
+
 #: Named settings of our methods worth measuring on their own.
-VARIANTS = {"psoft-neumann": ours("psoft", neumann_terms=4)}
+VARIANTS = {"psoft-neumann": ours("psoft", neumann_terms=4),
+            "qpsoft": on_quantized_base(ours("psoft")), "qoft": on_quantized_base(ours("oft"))}
 PEFT = {
     "peft-lora": _peft(lambda peft, spec: peft.LoraConfig(r=spec["lora_rank"], lora_alpha=2 * spec["lora_rank"])),
     "peft-oft": _peft(lambda peft, spec: peft.OFTConfig(r=0, oft_block_size=spec["sizes"]["block_size"])),
     "peft-boft": _peft(lambda peft, spec: peft.BOFTConfig(boft_block_size=8, boft_n_butterfly_factor=2)),
     "peft-psoft": _peft(lambda peft, spec: peft.PsoftConfig(r=spec["sizes"]["rank"])),
 }
+PEFT["peft-qlora"] = on_quantized_base(PEFT["peft-lora"])  # QLoRA: LoRA on the same NF4 base
 
 
 def methods() -> dict:

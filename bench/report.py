@@ -24,10 +24,11 @@ def _ratio(value, reference):
 
 
 def rows(results: list[dict]) -> list[tuple[str, ...]]:
-    """The report as text cells, header first; ratios against the floor and PEFT LoRA of the same workload."""
+    """The report as text cells, header first; ratios against the floor and PEFT LoRA (on the same kind of base) of
+    the same workload."""
     by = {(r["workload"], r["method"]): r for r in results if "error" not in r}
-    head = ("workload", "method", "trainable", "step ms", "x floor", "x lora", "peak MiB", "x floor", "x lora",
-            "setup s", "infer ms", "merged ms", "file KiB")
+    head = ("workload", "method", "base", "trainable", "step ms", "x floor", "x lora", "peak MiB", "x floor",
+            "x lora", "base MiB", "setup s", "infer ms", "merged ms", "file KiB")
     out = [head]
 
     def fmt(value, spec=".2f"):
@@ -37,12 +38,15 @@ def rows(results: list[dict]) -> list[tuple[str, ...]]:
         if "error" in r:
             out.append((r["workload"], r["method"], "error: " + r["error"][:60], *[""] * (len(head) - 3)))
             continue
-        floor, lora = by.get((r["workload"], "floor")), by.get((r["workload"], "peft-lora"))
+        # LoRA on the same kind of base: PEFT's QLoRA for rows on a quantized base
+        floor = by.get((r["workload"], "floor"))
+        lora = by.get((r["workload"], "peft-lora" if r.get("base", "float") == "float" else "peft-qlora"))
         out.append((
-            r["workload"], r["method"], f"{r['trainable']:,}", fmt(r["step_ms"], ".0f"),
+            r["workload"], r["method"], r.get("base", "float"), f"{r['trainable']:,}", fmt(r["step_ms"], ".0f"),
             fmt(_ratio(r["step_ms"], floor and floor["step_ms"])), fmt(_ratio(r["step_ms"], lora and lora["step_ms"])),
             fmt(r["peak_mib"], ".0f"), fmt(_ratio(r["peak_mib"], floor and floor["peak_mib"])),
-            fmt(_ratio(r["peak_mib"], lora and lora["peak_mib"])), fmt(r["setup_s"]), fmt(r["infer_ms"], ".0f"),
+            fmt(_ratio(r["peak_mib"], lora and lora["peak_mib"])), fmt(r.get("base_mib"), ".1f"), fmt(r["setup_s"]),
+            fmt(r["infer_ms"], ".0f"),
             fmt(r["infer_merged_ms"], ".0f"), fmt(r["adapter_bytes"] and r["adapter_bytes"] / 1024, ".1f"),
         ))
     return out

@@ -24,6 +24,18 @@ def test_bench_runs_each_configuration_and_writes_its_reports(tmp_path, capsys):
     assert "x floor" in capsys.readouterr().out
 
 
+def test_quantized_configurations_report_their_base_and_compare_with_qlora(tmp_path):
+    bench.main(["--workloads", "test-vit", "--methods", "psoft,qpsoft,qoft,peft-qlora", "--steps", "1", "--warmup",
+                "1", "--out", str(tmp_path)])
+    by = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())}
+    assert all("error" not in r for r in by.values()), by
+    assert by["psoft"]["base"] == "float" and {by[m]["base"] for m in ("qpsoft", "qoft", "peft-qlora")} == {"bnb-nf4"}
+    assert by["qpsoft"]["base_mib"] < by["psoft"]["base_mib"] / 3  # 4-bit blocks and their scales
+    assert by["qpsoft"]["infer_merged_ms"] is None  # a quantized base is not merged into
+    header = (tmp_path / "results.md").read_text().splitlines()[0]
+    assert "base MiB" in header
+
+
 def test_a_failing_configuration_is_reported_not_fatal():
     results = [bench.pool([dict(workload="w", method="m", error="boom")])]
     assert results[0]["error"] == "boom"
