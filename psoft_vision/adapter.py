@@ -57,8 +57,9 @@ class Adapter(nn.Module):
 
     def cached(self, compute):
         """``compute()``, kept between calls while gradients are off and nothing it reads has changed: an eval-mode
-        forward then costs no solve. Parameters' in-place updates, moves and the strength all invalidate it."""
-        if torch.is_grad_enabled():
+        forward then costs no solve. Parameters' in-place updates, moves and the strength all invalidate it. Not
+        while torch.compile traces: its graph holds the computation, and the key's data pointers would break it."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
             self._cache = None
             return compute()
         tensors = [*self.parameters(), *self.buffers()]

@@ -45,9 +45,12 @@ def skew_from_packed(q: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def cayley(skew: torch.Tensor) -> torch.Tensor:
-    """Exact Cayley transform ``(I + Q)(I - Q)^{-1}`` (the factors commute), by a linear solve."""
+    """Exact Cayley transform ``(I + Q)(I - Q)^{-1}`` (the factors commute), by a linear solve.
+
+    ``I - Q`` of a real skew-symmetric Q is always invertible (its eigenvalues are ``1 - i lambda``), so the solve
+    runs without its singularity check, which on a GPU would wait for the device at every layer of every step."""
     eye = torch.eye(skew.shape[-1], dtype=skew.dtype, device=skew.device)
-    return torch.linalg.solve(eye - skew, eye + skew)
+    return torch.linalg.solve_ex(eye - skew, eye + skew, check_errors=False).result
 
 
 def cayley_neumann(skew: torch.Tensor, terms: int) -> torch.Tensor:
@@ -69,6 +72,11 @@ def orthogonal_from_packed(q: torch.Tensor, size: int, neumann_terms: int | None
     if neumann_terms is None:
         return cayley(skew)
     # ||Q||_F = sqrt(2) ||q||: checked on the packed vector, one small reduction per layer and step.
-    if bool((q.detach().float().norm(dim=-1) * 2**0.5 >= NEUMANN_MAX_NORM).any()):
+    too_large = (q.detach().float().norm(dim=-1) * 2**0.5 >= NEUMANN_MAX_NORM).any()
+    if torch.compiler.is_compiling():
+        # A Python branch on a tensor's value would break torch.compile's graph, and torch.cond's backward fails
+        # under AOTAutograd (torch 2.14): both transforms are computed and the one the norm picks is kept.
+        return torch.where(too_large, cayley(skew), cayley_neumann(skew, neumann_terms))
+    if bool(too_large):
         return cayley(skew)
     return cayley_neumann(skew, neumann_terms)
