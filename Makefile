@@ -34,3 +34,9 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The timm zoo sweep (bench/zoo.py): every timm family with PSOFT and OFTv2 (about 15 minutes on 2 CPU cores);
+# rewrites the timm table of docs/models.md. `pytest -m zoo` runs the same checks as tests.
+.PHONY: zoo
+zoo: $(STAMP)
+	$(PY) -m bench.zoo --out docs/models.md
