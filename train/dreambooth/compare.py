@@ -1,12 +1,16 @@
-"""Ours PSOFT, ours OFTv2 and PEFT LoRA r=4 on the default DreamBooth subject, with the same data, steps and seed.
+"""Ours PSOFT, ours OFTv2 and PEFT LoRA r=4 on several DreamBooth subjects and seeds, with the same data and steps.
 
-    python -m train.dreambooth.compare --out runs/dreambooth-compare --doc docs/dreambooth_offline.md --ship
+    python -m train.dreambooth.compare --out runs/dreambooth-compare --doc docs/dreambooth_offline.md
+    python -m train.dreambooth.compare --subjects coffee --seeds 0 --ship    # the default run only, then ship it
 
-Each method trains in its own process (``python -m train.dreambooth`` with its defaults, so the PSOFT run is exactly
-the default run), which makes the peak resident memory its own; class images are generated once and shared. Then
-train/dreambooth/metrics.py scores the base model and every run on the same seeds. Writes ``<out>/compare.json``, the
-markdown table (``--doc``) with a sample grid beside it, and with ``--ship`` copies the PSOFT adapter and its LoRA
-export to ``assets/dreambooth-psoft.safetensors`` and ``assets/dreambooth-psoft-lora.safetensors``.
+Each run trains in its own process (``python -m train.dreambooth`` with its defaults and the subject's prompts, so
+the PSOFT run on coffee with seed 0 is exactly the default run), which makes the peak resident memory its own.
+Class images are generated once per subject (by its seed-0 run) and shared by every method and seed, so the seeds
+vary the training draws alone. Then train/dreambooth/metrics.py scores the base model and every run of a subject on
+the same sampling seeds. Writes ``<out>/compare.json`` (every number of every run), markdown tables of the mean and
+standard deviation over seeds per subject and over subjects (``--doc``; the hand-written part after
+"## What the samples show" is kept when the file is rewritten), a sample grid per subject beside it, and with
+``--ship`` copies the default run's PSOFT adapter and its LoRA export to ``assets/``.
 """
 
 import argparse
@@ -23,19 +27,21 @@ from ..common.paths import ASSETS
 from .images import image_grid, list_images, load_images, save_png
 from .metrics import NUMBERS, evaluate_runs
 from .metrics import build_parser as metrics_parser
-from .subject import SUBJECT_DIR
+from .subject import DEFAULT_SUBJECT, SUBJECTS, subject_folder
 
 RUNS = (("psoft", "ours PSOFT"), ("oft", "ours OFTv2"), ("lora", "PEFT LoRA r=4"))
 LABELS = dict(RUNS, base="base model")
 COLUMNS = (("subject_sim", "subject sim ↑"), ("colour_dist", "colour dist ↓"),
            ("heldout_loss", "held-out loss ↓"), ("class_acc", "class acc"),
            ("class_drift", "class drift ↓"), ("diversity", "diversity"))
+COSTS = (("trainable", "trainable"), ("train_s", "train s"), ("peak_mib", "peak MiB"))
+PROSE = "## What the samples show"
 
 
-def train(method: str, out: Path, extra: list[str]) -> dict:
-    folder = out / method
+def train(method: str, folder: Path, class_dir: Path, extra: list[str]) -> dict:
+    """One run of ``python -m train.dreambooth`` in its own process; returns its metrics.json plus the wall time."""
     command = [sys.executable, "-m", "train.dreambooth", "--method", method, "--output_dir", str(folder),
-               "--class_data_dir", str(out / "class_images"), "--quiet", *extra]
+               "--class_data_dir", str(class_dir), "--quiet", *extra]
     start = time.perf_counter()
     subprocess.run(command, check=True)
     metrics = json.loads((folder / "metrics.json").read_text())
@@ -43,115 +49,211 @@ def train(method: str, out: Path, extra: list[str]) -> dict:
     return metrics
 
 
+def run_folder(out: Path, subject: str, seed: int, method: str) -> Path:
+    return out / subject / f"seed{seed}" / method
+
+
+def train_all(args) -> dict[tuple[str, int, str], dict]:
+    """Every (subject, seed, method) run, seed 0 of a subject first (it generates the shared class images)."""
+    trained = {}
+    for name in args.subjects:
+        subject, folder = SUBJECTS[name], subject_folder(name, args.out / "subjects")
+        prompts = ["--instance_data_dir", str(folder / "train"), "--instance_prompt", subject.instance_prompt,
+                   "--class_prompt", subject.class_prompt]
+        for seed in sorted(args.seeds):
+            for method, _ in RUNS:
+                run = run_folder(args.out, name, seed, method)
+                done = run / "metrics.json"
+                trained[name, seed, method] = (
+                    json.loads(done.read_text()) if args.reuse and done.is_file() else
+                    train(method, run, args.out / name / "class_images", [*prompts, "--seed", str(seed), *args.extra]))
+    return trained
+
+
+def score_subject(args, name: str) -> dict:
+    """``{"base": scores, (seed, method): scores}`` for one subject, all on the same sampling seeds."""
+    subject, folder = SUBJECTS[name], subject_folder(name, args.out / "subjects")
+    margs = metrics_parser().parse_args([
+        "--num_samples", str(args.num_samples), "--heldout_dir", str(folder / "heldout"),
+        "--instance_prompt", subject.instance_prompt, "--class_prompt", subject.class_prompt,
+        "--class_word", subject.word])
+    keys = [(seed, method) for seed in sorted(args.seeds) for method, _ in RUNS]
+    results = evaluate_runs([run_folder(args.out, name, *key) for key in keys], margs)
+    scores = {"base": results["base"]}
+    scores.update({key: results[str(run_folder(args.out, name, *key))] for key in keys})
+    return dict(scores, margs=margs)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; 0 for a single value)."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def summarise(scores: dict, trained: dict, seeds: list[int]) -> dict:
+    """``{subject or "all": {method: {metric: (mean, std)}}}``; "all" averages each seed's run over the subjects
+    first, so its spread is over seeds too."""
+    subjects = list(scores)
+    per_seed = {}  # (subject, method, seed) -> {metric: value}
+    for name in subjects:
+        for seed in seeds:
+            per_seed[name, "base", seed] = {k: scores[name]["base"][k] for k in NUMBERS}
+            for method, _ in RUNS:
+                numbers = {k: scores[name][seed, method][k] for k in NUMBERS}
+                numbers.update({k: trained[name, seed, method][k] for k, _ in COSTS})
+                per_seed[name, method, seed] = numbers
+    summary = {}
+    for group in [*subjects, "all"]:
+        members = subjects if group == "all" else [group]
+        summary[group] = {}
+        for method in ["base", *(m for m, _ in RUNS)]:
+            keys = list(per_seed[members[0], method, seeds[0]])
+            summary[group][method] = {k: mean_std([np.mean([per_seed[s, method, seed][k] for s in members])
+                                                   for seed in seeds]) for k in keys}
+    return dict(summary, runs={f"{s}/seed{seed}/{m}": v for (s, m, seed), v in per_seed.items()})
+
+
+def cell(value: tuple[float, float], digits: int = 3) -> str:
+    mean, std = value
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def table(rows: dict) -> str:
+    """One markdown table: a row per method (mean ± std over seeds), the costs without decimals."""
+    head = ["method", *(label for _, label in COSTS), *(label for _, label in COLUMNS)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, numbers in rows.items():
+        costs = [f"{numbers[k][0]:,.0f}" if k in numbers else "-" for k, _ in COSTS]
+        lines.append("| " + " | ".join([LABELS[method], *costs, *(cell(numbers[k]) for k, _ in COLUMNS)]) + " |")
+    return "\n".join(lines)
+
+
 def upscale(grid: np.ndarray, factor: int) -> np.ndarray:
     return grid.repeat(factor, axis=0).repeat(factor, axis=1)
 
 
-def table(rows: list[tuple[str, dict, dict | None]]) -> str:
-    head = ["method", "trainable", "train s", "peak MiB", *(label for _, label in COLUMNS)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, scores, trained in rows:
-        cells = [LABELS[name]]
-        cells += ([f"{trained['trainable']:,}", f"{trained['train_s']:.0f}", f"{trained['peak_mib']:.0f}"]
-                  if trained else ["-", "-", "-"])
-        cells += [f"{scores[key]:.3f}" for key, _ in COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def write_grids(doc: Path, name: str, scores: dict, seed: int, scratch: Path) -> tuple[str, str]:
+    """The seed-``seed`` sample grid and the training views of one subject, beside ``doc``; their file names."""
+    to_hwc = lambda t: t.permute(0, 2, 3, 1).numpy()  # noqa: E731
+    order = [scores["base"], *(scores[seed, m] for m, _ in RUNS)]
+    grid = image_grid([to_hwc(s["instance_samples"]) for s in order] + [to_hwc(s["class_samples"]) for s in order])
+    samples = doc.with_name(f"{doc.stem}_samples_{name}.png")
+    save_png(upscale(grid, 3), samples)
+    folder = subject_folder(name, scratch)
+    views = (load_images(list_images(folder / "train", "subject"), 32) + 1) / 2
+    subject = doc.with_name(f"{doc.stem}_subject_{name}.png")
+    save_png(upscale(image_grid([to_hwc(views)]), 3), subject)
+    return samples.name, subject.name
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m train.dreambooth.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/dreambooth-compare"))
-    parser.add_argument("--doc", type=Path, help="write the markdown table here, and the sample grid beside it")
-    parser.add_argument("--ship", action="store_true", help="copy the PSOFT adapter and LoRA into assets/")
+    parser.add_argument("--subjects", type=lambda s: s.split(","), default=list(SUBJECTS),
+                        help=f"comma-separated, from {', '.join(SUBJECTS)} (default: all)")
+    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
+    parser.add_argument("--doc", type=Path, help="write the markdown tables here, and the sample grids beside it")
+    parser.add_argument("--ship", action="store_true",
+                        help="copy the default run's PSOFT adapter and LoRA into assets/")
     parser.add_argument("--reuse", action="store_true", help="skip runs whose metrics.json exists")
     parser.add_argument("--num_samples", type=int, default=8)
-    parser.add_argument("extra", nargs="*", help="more train.dreambooth arguments (after --), for every method")
+    parser.add_argument("extra", nargs="*", help="more train.dreambooth arguments (after --), for every run")
     args = parser.parse_args(argv)
+    unknown = [s for s in args.subjects if s not in SUBJECTS]
+    if unknown:
+        parser.error(f"--subjects {unknown} unknown; choose from {', '.join(SUBJECTS)}")
 
-    trained = {}
-    for method, _ in RUNS:
-        done = args.out / method / "metrics.json"
-        trained[method] = (json.loads(done.read_text()) if args.reuse and done.is_file()
-                           else train(method, args.out, args.extra))
-    margs = metrics_parser().parse_args(["--num_samples", str(args.num_samples)])
-    scores = evaluate_runs([args.out / m for m, _ in RUNS], margs)
-    scores = {("base" if k == "base" else Path(k).name): v for k, v in scores.items()}
-    summary = {name: dict({k: s[k] for k in NUMBERS}, **{k: trained[name][k] for k in
-                                                          ("trainable", "train_s", "peak_mib", "final_loss")}
-                          if name in trained else {}) for name, s in scores.items()}
+    trained = train_all(args)
+    scores = {name: score_subject(args, name) for name in args.subjects}
+    summary = summarise(scores, trained, sorted(args.seeds))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "compare.json").write_text(json.dumps(summary, indent=1))
-
-    order = ["base", *(m for m, _ in RUNS)]
-    rows = [(n, scores[n], trained.get(n)) for n in order]
-    print(table(rows))
+    for group in [*args.subjects, "all"]:
+        print(f"\n{group}\n{table(summary[group])}")
     if args.doc:
-        to_hwc = lambda t: t.permute(0, 2, 3, 1).numpy()  # noqa: E731
-        subject = (load_images(list_images(SUBJECT_DIR / "train", "subject"), 32) + 1) / 2
-        grid = image_grid([to_hwc(scores[n]["instance_samples"]) for n in order]
-                          + [to_hwc(scores[n]["class_samples"]) for n in order])
-        samples = args.doc.with_name(args.doc.stem + "_samples.png")
-        save_png(upscale(grid, 3), samples)
-        save_png(upscale(image_grid([to_hwc(subject)]), 3), args.doc.with_name(args.doc.stem + "_subject.png"))
-        args.doc.write_text(document(rows, samples.name, margs, trained))
+        grids = {name: write_grids(args.doc, name, scores[name], min(args.seeds), args.out / "subjects")
+                 for name in args.subjects}
+        kept = args.doc.read_text().partition(PROSE)[2] if args.doc.is_file() else ""
+        args.doc.write_text(document(args, summary, grids, trained, scores) + (kept or "\n\n(See below.)\n"))
     if args.ship:
-        shutil.copyfile(args.out / "psoft" / "adapter.safetensors", ASSETS / "dreambooth-psoft.safetensors")
-        lora = args.out / "psoft" / "lora" / "pytorch_lora_weights.safetensors"
-        if lora.stat().st_size < 2**20:
-            shutil.copyfile(lora, ASSETS / "dreambooth-psoft-lora.safetensors")
+        ship(run_folder(args.out, DEFAULT_SUBJECT.name, 0, "psoft"))
     return summary
 
 
-def document(rows, samples: str, margs, trained: dict) -> str:
-    a = trained["psoft"]["args"]
-    lr = {m: trained[m]["args"]["learning_rate"] for m, _ in RUNS}
-    settings = (f"{a['max_train_steps']} steps, batch {a['train_batch_size']} instance + {a['train_batch_size']} "
-                f"class images, prior loss weight {a['prior_loss_weight']}, {a['num_class_images']} class images, "
-                f"resolution {a['resolution']}, seed {a['seed']}, AdamW with {a['lr_warmup_steps']} warm-up steps "
-                f"and a cosine decay; PSOFT r={a['rank']} at lr {lr['psoft']:g}, OFTv2 block size {a['block_size']} "
-                f"at lr {lr['oft']:g}, LoRA r={a['lora_rank']} (alpha {a['lora_rank']}) at lr {lr['lora']:g} "
-                "(`DEFAULT_LR` in `train/dreambooth/trainer.py`; one run each, no search); all three on the layers of "
-                f"the `{a['targets']}` target preset (the UNet's attention, feed-forward and proj_in/proj_out)")
-    return f"""# DreamBooth offline: ours PSOFT, ours OFTv2 and PEFT LoRA on one subject
+def ship(run: Path) -> None:
+    shutil.copyfile(run / "adapter.safetensors", ASSETS / "dreambooth-psoft.safetensors")
+    lora = run / "lora" / "pytorch_lora_weights.safetensors"
+    if lora.stat().st_size < 2**20:
+        shutil.copyfile(lora, ASSETS / "dreambooth-psoft-lora.safetensors")
 
-Subject: six views of scikit-image's `coffee` photograph (a red espresso cup), `"{a['instance_prompt']}"`, with
-prior preservation on `"{a['class_prompt']}"`; base pipeline `assets/tiny-t2i` (a tiny Stable Diffusion pretrained
-by `train/offline/pretrain_t2i.py` on Fashion-MNIST, [model card](../assets/tiny-t2i/MODEL_CARD.md)).
-Settings: {settings}. CPU (2 cores), fp32.
+
+def settings(trained: dict) -> str:
+    a = next(iter(trained.values()))["args"]
+    lr = {m: next(v for (_, _, method), v in trained.items() if method == m)["args"]["learning_rate"] for m, _ in RUNS}
+    return (f"{a['max_train_steps']} steps, batch {a['train_batch_size']} instance + {a['train_batch_size']} class "
+            f"images, prior loss weight {a['prior_loss_weight']}, {a['num_class_images']} class images per subject, "
+            f"resolution {a['resolution']}, AdamW with {a['lr_warmup_steps']} warm-up steps and a "
+            f"{a.get('lr_scheduler', 'cosine')} schedule; PSOFT r={a['rank']} at lr {lr['psoft']:g}, OFTv2 block size "
+            f"{a['block_size']} at lr {lr['oft']:g}, LoRA r={a['lora_rank']} (alpha {a['lora_rank']}) at lr "
+            f"{lr['lora']:g} (`DEFAULT_LR` in `train/dreambooth/trainer.py`; no search); all three on the layers of "
+            f"the `{a['targets']}` target preset (the UNet's attention, feed-forward and proj_in/proj_out)")
+
+
+def document(args, summary: dict, grids: dict, trained: dict, scores: dict) -> str:
+    seeds = sorted(args.seeds)
+    margs = next(iter(scores.values()))["margs"]
+    parts = [f"""# DreamBooth offline: ours PSOFT, ours OFTv2 and PEFT LoRA on {len(args.subjects)} subjects x \
+{len(seeds)} seeds
+
+Base pipeline `assets/tiny-t2i` (a tiny Stable Diffusion pretrained by `train/offline/pretrain_t2i.py` on
+Fashion-MNIST, [model card](../assets/tiny-t2i/MODEL_CARD.md)); subjects from real images that ship offline
+(`train/dreambooth/subject.py` says where each comes from and why its class word): {", ".join(
+        f'`{n}` as "{SUBJECTS[n].instance_prompt}" with prior preservation on "{SUBJECTS[n].class_prompt}"'
+        for n in args.subjects)}. Settings: {settings(trained)}. Training seeds {", ".join(map(str, seeds))}. CPU
+(2 cores), fp32.
 
 ```bash
-python -m train.dreambooth.compare --out runs/dreambooth-compare --doc docs/dreambooth_offline.md --ship
+python -m train.dreambooth.compare --out runs/dreambooth-compare --doc docs/dreambooth_offline.md
 ```
 
-{table(rows)}
+Every cell is the mean ± standard deviation over the {len(seeds)} training seeds (sample std); the base model has
+no seed, so its std is 0. Costs: trainable parameters, training time (the steps alone, validation grids excluded)
+and the peak resident memory of the training process (`VmHWM`), from each run's `metrics.json`.
 
-Columns (train/dreambooth/metrics.py; proxies, honestly named, on {margs.num_samples} seeds shared by every row):
+## All subjects (each seed's run averaged over the subjects first)
+
+{table(summary["all"])}
+"""]
+    for name in args.subjects:
+        samples, subject = grids[name]
+        parts.append(f"""## {name}: "{SUBJECTS[name].instance_prompt}"
+
+{table(summary[name])}
+
+![samples of {name}]({samples})
+
+Rows, top to bottom: "{SUBJECTS[name].instance_prompt}" for the base model, PSOFT, OFTv2 and LoRA (seed {seeds[0]}
+runs); then "{SUBJECTS[name].class_prompt}" in the same order. The training views:
+
+![{name}]({subject})
+""")
+    parts.append(f"""## Columns
+
+train/dreambooth/metrics.py; proxies, honestly named, on {margs.num_samples} sampling seeds
+({1000}-{1000 + margs.num_samples - 1}, {margs.num_inference_steps} DDIM steps, guidance {margs.guidance_scale})
+shared by every row of a subject:
 - **subject sim**: mean cosine similarity between the project ViT's centred features of the instance prompt's samples
-  and of the two held-out views of the cup (a stand-in for DreamBooth's DINO score; the ViT knows garments, not cups);
+  and of the subject's two held-out views (a stand-in for DreamBooth's DINO score; the ViT knows garments only);
 - **colour dist**: total-variation distance between the colour histograms of those samples and of the held-out views
   (no embedder; 0 = same colours);
 - **held-out loss**: noise-prediction MSE on the held-out views under the instance prompt, fixed noise and timesteps;
-- **class acc**: share of the class prompt's samples that the ViT's Fashion-MNIST head calls "bag" (prior kept);
+- **class acc**: share of the class prompt's samples that the ViT's Fashion-MNIST head calls the class word;
 - **class drift**: relative squared change of the class prompt's noise predictions against the base model;
-- **diversity**: mean pairwise cosine distance of the instance prompt's samples across seeds.
+- **diversity**: mean pairwise cosine distance of the instance prompt's samples across sampling seeds.
 
-Trainable parameters, training time (the training steps alone, validation grids excluded) and the peak resident
-memory of the training process (`VmHWM`, reset before the first step) come from each run's `metrics.json`.
-
-![samples]({samples})
-
-Rows, top to bottom: the instance prompt `"{a['instance_prompt']}"` for the base model, PSOFT, OFTv2, LoRA; then the
-class prompt `"{a['class_prompt']}"` in the same order. Columns: seeds {1000}-{1000 + margs.num_samples - 1},
-{margs.num_inference_steps} DDIM steps, guidance {margs.guidance_scale}. The training views:
-
-![subject]({Path(samples).name.replace('_samples', '_subject')})
-
-## What the samples show
-
-(See below.)
-"""
+""")
+    return "\n".join(parts) + PROSE
 
 
 if __name__ == "__main__":
