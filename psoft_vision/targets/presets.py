@@ -11,7 +11,15 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .structure import candidate_modules, diffusers_targets, is_diffusers_model, is_timm_model, timm_targets
+from .structure import (
+    candidate_modules,
+    diffusers_targets,
+    is_diffusers_model,
+    is_timm_model,
+    is_transformers_model,
+    timm_targets,
+    transformers_targets,
+)
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            diffusers_targets),
     Preset("diffusers+conv", "diffusers plus the 3x3 convs (conv1, conv2) of every ResNet block of a UNet",
            lambda model: diffusers_targets(model, resnet_convs=True)),
+    Preset("transformers", "transformers models (text encoders: CLIP, T5, Gemma): the linear layers of the encoder or "
+           "decoder layers (attention q/k/v/out, MLP); no embedding, final norm or projection head",
+           transformers_targets),
     _regex("timm-vit", "the four linears of every ViT-style block by name: blocks.N.attn.qkv, attn.proj, mlp.fc1, "
            "mlp.fc2", _TIMM_VIT),
 )}
@@ -47,11 +58,14 @@ PRESETS.update({alias: PRESETS[name] for alias, name in ALIASES.items()})
 
 
 def preset_for(model: nn.Module) -> str:
-    """The preset ``targets="auto"`` uses for this model, or None when it is neither a timm nor a diffusers model."""
+    """The preset ``targets="auto"`` uses for this model, or None when it is no timm, diffusers or transformers
+    model."""
     if is_timm_model(model):
         return "timm"
     if is_diffusers_model(model):
         return "diffusers"
+    if is_transformers_model(model):
+        return "transformers"
     return None
 
 

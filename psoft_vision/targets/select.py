@@ -22,7 +22,7 @@ def auto_preset(model: nn.Module) -> str:
     name = preset_for(model)
     if name is None:
         raise TargetNotFoundError(
-            f"targets='auto' has no preset for {type(model).__name__} (neither a timm nor a diffusers model); pass "
+            f"targets='auto' has no preset for {type(model).__name__} (no timm, diffusers or transformers model); pass "
             f"targets= a preset ({', '.join(PRESETS)}), a list of module names, a regex or a callable."
         )
     return name

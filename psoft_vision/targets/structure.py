@@ -233,3 +233,33 @@ def diffusers_targets(model: nn.Module, resnet_convs: bool = False) -> list[str]
         return resnet_convs and ".resnets." in f".{name}" and child in ("conv1", "conv2")
 
     return [name for name, module in candidate_modules(model) if dense_layer(module) and wanted(name, module)]
+
+
+# ----------------------------------------------------------------------------------------------- transformers
+def is_transformers_model(model: nn.Module) -> bool:
+    return any(cls.__module__.startswith("transformers.") for cls in type(model).__mro__)
+
+
+def layer_stacks(model: nn.Module) -> list[str]:
+    """Names of the layers of a transformers model's encoder or decoder stacks, outermost only: the children of a
+    ``ModuleList`` whose members are all of one class that the model declares a layer (``_no_split_modules``:
+    ``CLIPEncoderLayer``, ``T5Block``, ``Gemma2DecoderLayer``; a one-layer stack counts too), or of any list of two or
+    more modules of one class (:func:`repeated_blocks`) when it declares none."""
+    declared = set(getattr(model, "_no_split_modules", None) or ())
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or any(name.startswith(f + ".") for f in found):
+            continue
+        kinds = {type(child).__name__ for child in module.children()}
+        if len(kinds) == 1 and kinds <= declared:
+            found += [f"{name}.{child}" if name else child for child, _ in module.named_children()]
+    return found or repeated_blocks(model)
+
+
+def transformers_targets(model: nn.Module) -> list[str]:
+    """The layers of a transformers model (a text encoder: CLIP, T5, Gemma) that ``"auto"`` adapts: the dense linear
+    layers inside its layer stacks (attention q/k/v/out and the MLP, CLIP's ``encoder.layers.N.self_attn.q_proj`` or
+    T5's ``encoder.block.N.layer.0.SelfAttention.q`` and ``DenseReluDense.wi``). Never the embeddings, a final norm or
+    a projection head (``text_projection``), which sit outside the stacks."""
+    prefixes = tuple(b + "." for b in layer_stacks(model))
+    return [name for name, module in candidate_modules(model) if dense_layer(module) and name.startswith(prefixes)]
