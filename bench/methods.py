@@ -57,8 +57,23 @@ def on_quantized_base(apply, scheme: str = "nf4"):
     return quantized
 
 
+def through_the_weight(apply):
+    """``apply``, with every adapted layer run on the weight path (the adapted weight formed, then the layer's own
+    forward), which parents that read ``child.weight`` (EVA, Swin V2) use: its cost against the activation path."""
+
+    def forced(model, spec):
+        import dataclasses
+
+        model, merge = apply(model, spec)
+        for _, layer in pv.adapted_layers(model):
+            layer.kind = dataclasses.replace(layer.kind, weight_path=True)
+        return model, merge
+
+    return forced
+
+
 #: Named settings of our methods worth measuring on their own.
-VARIANTS = {"psoft-neumann": ours("psoft", neumann_terms=4),
+VARIANTS = {"psoft-neumann": ours("psoft", neumann_terms=4), "psoft-weight-path": through_the_weight(ours("psoft")),
             "qpsoft": on_quantized_base(ours("psoft")), "qoft": on_quantized_base(ours("oft"))}
 PEFT = {
     "peft-lora": _peft(lambda peft, spec: peft.LoraConfig(r=spec["lora_rank"], lora_alpha=2 * spec["lora_rank"])),
