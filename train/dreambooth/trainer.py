@@ -36,6 +36,7 @@ from ..common.checkpoint import find_checkpoint, is_checkpoint, load_checkpoint,
 from ..common.methods import build_config, method_choices, registered
 from ..common.metrics_files import recorded_args, write_csv, write_json
 from ..common.paths import TINY_T2I
+from ..common.resume_args import check_resume_args
 from ..common.schedule import cosine_with_warmup
 from .diffusion import (
     draw,
@@ -56,6 +57,10 @@ DEFAULT_PIPELINE = TINY_T2I
 DEFAULT_SUBJECT = SUBJECT_DIR / "train"
 #: The trainer's own methods beside every registered one (see train/common/methods.py).
 BASELINES = ("lora",)
+#: Arguments a resume may change (train/common/resume_args.py): output, logging and validation grids, which draw
+#: with their own generators; every other argument must be the run's own.
+MAY_DIFFER = frozenset({"quiet", "output_dir", "checkpointing_steps", "validation_prompt", "num_validation_images",
+                        "validation_steps"})
 DEFAULT_LR = {"psoft": 1e-2, "oft": 1e-2, "lora": 5e-3}  # one DreamBooth run each, not searched
 #: The learning rate of a method missing from DEFAULT_LR (a newly registered one): what ours were trained with.
 FALLBACK_LR = 1e-2
@@ -252,7 +257,10 @@ def resume(args, accelerator) -> dict:
     if found is None:
         accelerator.print(f"no checkpoint in {output_dir}; starting a new run")
         return state
-    state, _ = load_checkpoint(accelerator, found)
+    changes = check_resume_args(found, args, build_parser(), MAY_DIFFER, accelerator.num_processes,
+                                request="--resume_from_checkpoint")
+    state, _ = load_checkpoint(accelerator, found, settle=args.resume_from_checkpoint == "latest")
+    state.setdefault("resumes", []).append(dict(step=state["step"], changed=changes))
     accelerator.print(f"resumed from {found} after step {state['step']}")
     return state
 
@@ -302,7 +310,7 @@ def train(t: Training, args, state: dict) -> None:
         if state["step"] % args.validation_steps == 0 or last:
             state["validation"].append(validate(t.pipe, t.accelerator, t.model, args, state["step"]))
         if state["step"] % args.checkpointing_steps == 0 or last or state["step"] == stop_at:
-            write_checkpoint(t.accelerator, Path(args.output_dir) / "checkpoint", state)
+            write_checkpoint(t.accelerator, Path(args.output_dir) / "checkpoint", state, run_args=recorded_args(args))
     bar.close()
 
 

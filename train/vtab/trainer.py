@@ -29,6 +29,7 @@ import psoft_vision as pv
 from ..common.checkpoint import find_checkpoint, load_checkpoint, write_checkpoint
 from ..common.methods import build_config, method_choices, registered
 from ..common.metrics_files import recorded_args, write_csv, write_json
+from ..common.resume_args import check_resume_args
 from ..common.schedule import cosine_with_warmup
 from ..offline import backbone  # noqa: F401  registers the offline backbone with timm
 from .data import Preprocess, folder_splits, offline_splits
@@ -46,6 +47,9 @@ DEFAULT_LR = {"psoft": 2e-2, "oft": 5e-3, "lora": 2e-2, "peft-oft": 2e-2, "peft-
 #: the suite's grid for adapters.
 FALLBACK_LR = 5e-3
 DEFAULT_HEAD_LR = {"linear": 0.3}
+#: Arguments a --resume may change (train/common/resume_args.py): they cannot change what is trained. Every other
+#: argument must be the run's own; a change of one of these is recorded in metrics.json's "resumes".
+MAY_DIFFER = frozenset({"quiet", "num_workers", "output_dir", "baseline"})
 
 
 def __getattr__(name: str):
@@ -100,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-dir", type=Path, help="default runs/vtab/<task>/<method>-seed<seed>")
     g.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     g.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is there")
-    g.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint if it exists")
+    g.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint if it exists; the "
+                   "arguments must be the run's own, except --quiet, --num-workers, --stop-after-epochs, --baseline")
     g.add_argument("--stop-after-epochs", type=int, help="end this run after N epochs (a time slice on a shared "
                    "machine); --resume continues it")
     g.add_argument("--baseline", choices=("linear",), help="also train this baseline with the same budget and "
@@ -285,14 +290,27 @@ def evaluate(model, loader, accelerator) -> float:
     return correct / total
 
 
-def resume(t: Training, args) -> tuple[dict, dict | None]:
+def resume_point(args, accelerator) -> tuple[Path | None, dict]:
+    """With --resume, the checkpoint to continue and the allowed argument changes (train/common/resume_args.py),
+    checked before anything is built; a damaged checkpoint or a contradicting argument is a named error. ``(None,
+    {})``: a new run (no --resume, or no checkpoint at all)."""
+    if not args.resume:
+        return None, {}
+    found = find_checkpoint(Path(args.output_dir))
+    if found is None:
+        accelerator.print(f"--resume: no checkpoint in {args.output_dir}; starting a new run")
+        return None, {}
+    return found, check_resume_args(found, args, build_parser(), MAY_DIFFER, accelerator.num_processes)
+
+
+def resume(t: Training, found: Path | None, changes: dict) -> tuple[dict, dict | None]:
     """The trainer state and the best epoch's tensors: a new run's (with the accuracy before training), or those of
-    the checkpoint --resume finds (with accelerate's state loaded)."""
-    state = dict(epoch=0, history=[], best_val=-1.0, best_epoch=None, train_s=0.0, start_val=None)
+    the checkpoint ``found`` (with accelerate's state loaded, and the allowed argument ``changes`` recorded)."""
+    state = dict(epoch=0, history=[], best_val=-1.0, best_epoch=None, train_s=0.0, start_val=None, resumes=[])
     best = None
-    found = find_checkpoint(Path(args.output_dir)) if args.resume else None
     if found is not None:
-        state, best = load_checkpoint(t.accelerator, found)
+        state, best = load_checkpoint(t.accelerator, found, settle=True)
+        state.setdefault("resumes", []).append(dict(epoch=state["epoch"], changed=changes))
         t.accelerator.print(f"resumed from {found} after epoch {state['epoch']}")
     if state["epoch"] == 0 and t.eval_loader is not None:
         state["start_val"] = evaluate(t.model, t.eval_loader, t.accelerator)
@@ -339,7 +357,8 @@ def train(t: Training, args, state: dict, best: dict | None) -> dict | None:
                 best = {n: p.detach().clone().contiguous() for n, p in t.trainable_params.items()}
         state["history"].append(row)
         state["epoch"] = epoch + 1
-        write_checkpoint(t.accelerator, Path(args.output_dir) / "checkpoint", state, best)
+        write_checkpoint(t.accelerator, Path(args.output_dir) / "checkpoint", state, run_args=recorded_args(args),
+                         best=best)
         if not args.quiet:
             val = f", val200 {row['val_acc']:.3f}" if row["val_acc"] is not None else ""
             t.accelerator.print(f"epoch {epoch + 1}: train loss {row['train_loss']:.3f}{val}")
@@ -405,7 +424,8 @@ def finish(t: Training, args, state: dict, best: dict | None) -> dict:
         best_val=state["best_val"] if t.eval_loader is not None else None, best_epoch=state["best_epoch"],
         epochs=args.epochs, setup_s=round(t.setup_s, 3), train_s=round(state["train_s"], 2),
         peak_mib=round(peak_memory_mib(accelerator.device), 1), processes=accelerator.num_processes,
-        rank_checksums=rank_checksums, history=state["history"], finished=True, args=recorded_args(args),
+        rank_checksums=rank_checksums, history=state["history"], resumes=state["resumes"], finished=True,
+        args=recorded_args(args),
     )
     if accelerator.is_main_process:
         metrics["saved"] = str(save_result(accelerator.unwrap_model(t.model), args.method, output_dir))
@@ -425,8 +445,9 @@ def run(args: argparse.Namespace) -> dict:
     # (accelerate 1.15 ignores Accelerator(split_batches=True); only the DataLoaderConfiguration is honoured.)
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu,
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
+    found, changes = resume_point(args, accelerator)
     training = build(args, accelerator)
-    state, best = resume(training, args)
+    state, best = resume(training, found, changes)
     best = train(training, args, state, best)
     if state["epoch"] < args.epochs:
         accelerator.print(f"stopped after epoch {state['epoch']} of {args.epochs}; continue with --resume")
