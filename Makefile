@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 APT := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo) env DEBIAN_FRONTEND=noninteractive apt-get
 
-.PHONY: demo test app chromium lint clean
+.PHONY: demo test app bench chromium lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,12 +25,16 @@ test: $(STAMP) chromium
 app: $(STAMP)
 	$(PY) -m apps.gradio_app
 
+# The benchmark against PEFT (python -m bench --help); docs/benchmarks.md says how each published run was made.
+bench: $(STAMP)
+	$(PY) -m bench --workloads vit-b16,unet-small --repeats 2 --out runs/bench
+
 # The app's browser test drives Debian's chromium through Playwright; pip cannot install it, apt-get can.
 chromium:
 	@command -v chromium >/dev/null || $(APT) install -y -qq chromium || { $(APT) update -qq && $(APT) install -y -qq chromium; }
 
 lint: $(STAMP)
-	$(PY) -m ruff check psoft_vision train apps tests
+	$(PY) -m ruff check psoft_vision train apps tests bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache
