@@ -145,9 +145,9 @@ def test_training_batches_pair_instance_and_class_prompts(pipe_dir, subject_dir,
     seen = []
     apply_method = dreambooth.apply_method
 
-    def recording(unet, args):
-        apply_method(unet, args)
-        unet.register_forward_pre_hook(
+    def recording(models, args):
+        apply_method(models, args)
+        models["unet"].register_forward_pre_hook(
             lambda m, args, kwargs: seen.append(kwargs["encoder_hidden_states"].clone()) if m.training else None,
             with_kwargs=True)
 

@@ -37,26 +37,39 @@ def load_images(paths: list[Path], resolution: int) -> torch.Tensor:
     return torch.stack(out)
 
 
+def image_sizes(paths: list[Path], resolution: int) -> list[tuple[int, int, int, int]]:
+    """Per image, what SDXL conditions on: the original (height, width) and the top-left (top, left) of the centre
+    crop that :func:`load_images` takes, in the image resized so that its shorter side is ``resolution``."""
+    sizes = []
+    for path in paths:
+        with Image.open(path) as image:
+            width, height = image.size
+        scale = resolution / min(width, height)
+        sizes.append((height, width, round((height * scale - resolution) / 2), round((width * scale - resolution) / 2)))
+    return sizes
+
+
 def save_png(array: np.ndarray, path: Path) -> None:
     """An (H, W, 3) array in [0, 1] written atomically as PNG."""
     image = Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
-def generate(pipe, prompt: str, seeds: list[int], args, batch: int | None = None) -> np.ndarray:
-    """(len(seeds), H, W, 3) images in [0, 1] of ``prompt``, one generator per seed (each image reproducible alone)."""
+def generate(pipe, prompt: str, seeds: list[int], args, batch: int | None = None, **call) -> np.ndarray:
+    """(len(seeds), H, W, 3) images in [0, 1] of ``prompt``, one generator per seed (each image reproducible alone);
+    ``call``: more arguments of the pipeline's ``__call__`` (a family's ``max_sequence_length``)."""
     images = []
     batch = batch or len(seeds)
     for i in range(0, len(seeds), batch):
         chunk = seeds[i:i + batch]
         out = pipe([prompt] * len(chunk), num_inference_steps=args.num_inference_steps,
                    guidance_scale=args.guidance_scale, height=args.resolution, width=args.resolution,
-                   generator=[torch.Generator().manual_seed(s) for s in chunk], output_type="np")
+                   generator=[torch.Generator().manual_seed(s) for s in chunk], output_type="np", **call)
         images.append(out.images)
     return np.concatenate(images)
 
 
-def generate_class_images(pipe, args, accelerator) -> int:
+def generate_class_images(pipe, args, accelerator, **call) -> int:
     """Fill ``class_data_dir`` up to ``num_class_images`` with base-model images of the class prompt."""
     existing = list_images(args.class_data_dir, "--class_data_dir", allow_empty=True) \
         if args.class_data_dir.exists() else []
@@ -71,7 +84,7 @@ def generate_class_images(pipe, args, accelerator) -> int:
     for start in bar:
         chunk = names[start:start + args.sample_batch_size]
         seeds = [10_000 * (args.seed + 1) + int(n[6:11]) for n in chunk]
-        for name, image in zip(chunk, generate(pipe, args.class_prompt, seeds, args), strict=True):
+        for name, image in zip(chunk, generate(pipe, args.class_prompt, seeds, args, **call), strict=True):
             save_png(image, args.class_data_dir / name)
     return missing
 

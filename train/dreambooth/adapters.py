@@ -1,0 +1,109 @@
+"""Adapters of a DreamBooth run: which models get them (the denoiser, and with --train_text_encoder the text encoders
+the family's LoRA loader reads back), on which layers and at which sizes, and the files a finished run writes.
+
+Files: ``adapter.safetensors`` (the denoiser's, our format) and ``adapter_<text encoder>.safetensors`` for each
+trained text encoder; ``lora/pytorch_lora_weights.safetensors``, one diffusers LoRA file with every trained model
+under its pipeline prefix (``unet.`` / ``transformer.``, ``text_encoder.``, ``text_encoder_2.``), for
+``pipe.load_lora_weights``; and ``lora/kohya.safetensors`` where psoft_vision writes the family's kohya layout
+(SD 1.x/2.x, SDXL, Flux), else metrics.json says why not.
+"""
+
+import dataclasses
+from pathlib import Path
+
+import psoft_vision as pv
+from psoft_vision.diffusers import denoiser as find_denoiser
+from psoft_vision.targets import select
+
+from ..common.methods import build_config, registered
+from .errors import DreamBoothError
+from .ranks import layer_sizes, parse_pattern
+
+TEXT_ENCODER_TARGETS = "transformers"  # the preset of psoft_vision/targets for a transformers text encoder
+LORA_FILE = "pytorch_lora_weights.safetensors"
+KOHYA_FILE = "kohya.safetensors"
+#: --rank_pattern / --block_size_pattern -> the config field each sets, and the size it patterns
+PATTERNS = {"rank_pattern": "rank", "block_size_pattern": "block_size"}
+
+
+def trained_models(pipe, family, args) -> dict:
+    """``{pipeline attribute: model}``: the denoiser first, then the text encoders --train_text_encoder adapts."""
+    model, attribute = find_denoiser(pipe)
+    models = {attribute: model}
+    if not args.train_text_encoder:
+        return models
+    if not family.text_encoders:
+        raise DreamBoothError(f"--train_text_encoder: {family.name} has no text encoder whose LoRA diffusers' "
+                              "load_lora_weights reads back (Sana's Gemma); leave the flag out.")
+    models.update({name: getattr(pipe, name) for name in family.text_encoders if getattr(pipe, name, None) is not None})
+    return models
+
+
+def targets_for(role: str, args) -> str:
+    return args.targets if role in ("unet", "transformer") else TEXT_ENCODER_TARGETS
+
+
+def _sizes(models: dict, args) -> tuple[str | None, dict[str, dict[str, int]]]:
+    """The pattern flag in use (for the method) and its size per layer of each model."""
+    flag = "block_size_pattern" if args.method == "oft" else "rank_pattern"
+    other = "rank_pattern" if flag == "block_size_pattern" else "block_size_pattern"
+    if getattr(args, other):
+        raise DreamBoothError(f"--{other} does not apply to --method {args.method}; use --{flag}.")
+    pattern = parse_pattern(getattr(args, flag), f"--{flag}")
+    layers = {role: (model, select(model, targets_for(role, args))) for role, model in models.items()}
+    return flag, layer_sizes(layers, pattern, f"--{flag}") if pattern else {role: {} for role in models}
+
+
+def apply_method(models: dict, args) -> None:
+    """Adapters on each model's target layers, in place; only they require gradients."""
+    flag, sizes = _sizes(models, args)
+    method = registered(args.method)
+    for role, model in models.items():
+        targets = targets_for(role, args)
+        if method is None:
+            _add_lora(model, targets, args, sizes[role])
+            continue
+        fields = {f.name for f in dataclasses.fields(method.config)}
+        if sizes[role] and flag not in fields:
+            raise DreamBoothError(f"--{flag} does not apply to --method {args.method} (its config has no {flag}).")
+        patterns = {name: sizes[role] if name == flag else {} for name in PATTERNS if name in fields}
+        pv.inject(model, build_config(method, args, targets=targets, **patterns))
+
+
+def _add_lora(model, targets: str, args, sizes: dict[str, int]) -> None:
+    """PEFT LoRA on the layers ours adapts, added the way diffusers' trainers add it (alpha = rank)."""
+    from peft import LoraConfig
+
+    layers = select(model, targets)
+    model.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, target_modules=layers,
+                                 rank_pattern=dict(sizes), alpha_pattern=dict(sizes), init_lora_weights=True))
+
+
+def save_outputs(pipe, models: dict, family, args) -> dict:
+    """Write the run's adapter files (see the module docstring); returns their paths for metrics.json."""
+    output_dir = Path(args.output_dir)
+    lora = output_dir / "lora" / LORA_FILE
+    method = registered(args.method)
+    if method is None:
+        from peft.utils import get_peft_model_state_dict
+
+        type(pipe).save_lora_weights(lora.parent, **{f"{role}_lora_layers": get_peft_model_state_dict(model)
+                                                     for role, model in models.items()})
+        return {"lora": str(lora), "kohya": "not written: PEFT LoRA runs save diffusers' own LoRA file only"}
+    saved = {}
+    for role, model in models.items():
+        name = "adapter" if role in ("unet", "transformer") else f"adapter_{role}"
+        saved[name] = str(pv.save_adapter(model, output_dir / f"{name}.safetensors"))
+    pv.export_lora(pipe, lora, format="diffusers", full_deltas=not method.low_rank)
+    return dict(saved, lora=str(lora), kohya=_kohya(pipe, family, lora.with_name(KOHYA_FILE), method))
+
+
+def _kohya(pipe, family, path: Path, method) -> str:
+    """The kohya-format LoRA where psoft_vision writes the family's layout; else why not."""
+    if not family.kohya:
+        return (f"not written: psoft_vision writes no kohya layout for {family.name} (diffusers reads kohya files "
+                "only for SD 1.x/2.x, SDXL and Flux.1; see psoft_vision/kohya.py)")
+    try:
+        return str(pv.export_lora(pipe, path, format="kohya", full_deltas=not method.low_rank))
+    except pv.LoRAExportError as error:
+        return f"not written: {error}"
