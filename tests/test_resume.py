@@ -157,6 +157,7 @@ def test_resume_without_any_checkpoint_starts_the_run(tmp_path, task, reference,
     (("--no-pretrained",), r"--no-pretrained \(the run: --pretrained\)"),
     (("--train-modules", "norm"), r"--train-modules norm \(the run: without --train-modules\)"),
     (("--eval-batch-size", 2), r"--eval-batch-size 2"),
+    (("--grad-checkpointing", "--compile"), r"--compile \(the run: without --compile\)"),
 ])
 def test_arguments_that_contradict_the_checkpoint_are_refused(given, message, cut, task):
     before = snapshot(cut)
@@ -166,12 +167,14 @@ def test_arguments_that_contradict_the_checkpoint_are_refused(given, message, cu
 
 
 def test_output_only_arguments_may_differ_and_are_recorded(cut_run, cut, task, reference):
-    """--num-workers changed, and the run folder moved (``cut`` is a copy of ``cut_run``): both are recorded."""
-    vtab.main(vtab_argv(task, cut, "--resume", "--num-workers", 1))
-    assert_same_result(cut, reference, uncompared_args=["num_workers"])
+    """--num-workers and --grad-checkpointing (bit-identical: tests/test_vtab.py) changed, and the run folder moved
+    (``cut`` is a copy of ``cut_run``): all three are recorded."""
+    vtab.main(vtab_argv(task, cut, "--resume", "--num-workers", 1, "--grad-checkpointing"))
+    assert_same_result(cut, reference, uncompared_args=["num_workers", "grad_checkpointing"])
     metrics = json.loads((cut / "metrics.json").read_text())
-    assert metrics["args"]["num_workers"] == 1
-    changed = {"num_workers": {"from": 0, "to": 1}, "output_dir": {"from": str(cut_run), "to": str(cut)}}
+    assert metrics["args"]["num_workers"] == 1 and metrics["args"]["grad_checkpointing"] is True
+    changed = {"grad_checkpointing": {"from": False, "to": True}, "num_workers": {"from": 0, "to": 1},
+               "output_dir": {"from": str(cut_run), "to": str(cut)}}
     assert metrics["resumes"] == [{"epoch": 1, "changed": changed}]
 
 

@@ -187,3 +187,65 @@ def test_local_weights_file_loads_the_shipped_backbone(tmp_path):
     assert all(torch.equal(from_file[k], from_tag[k]) for k in shipped if not k.startswith("head."))
     with pytest.raises(FileNotFoundError, match="--weights"):
         vtab.create_model(vtab.parse_args(["--weights", str(tmp_path / "missing.safetensors")]), num_classes=3)
+
+
+# ------------------------------------------------------------------------------------- --grad-checkpointing, --compile
+def flag_run(folder: Path, out: Path, *flags) -> dict:
+    """Two epochs on a 9-image task folder, every batch of 3 (one shape: --compile compiles once per mode)."""
+    return vtab.main(["--data-dir", str(folder), "--epochs", "2", "--batch-size", "3", "--eval-batch-size", "3",
+                      "--quiet", "--output-dir", str(out), *flags])
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    """The task folder, and the run without flags: its metrics and adapter tensors."""
+    folder = make_folder(tmp_path_factory.mktemp("flags") / "task")
+    out = tmp_path_factory.mktemp("plain")
+    return folder, flag_run(folder, out), load_file(out / "adapter.safetensors")
+
+
+def timeless(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+def test_grad_checkpointing_checkpoints_and_trains_bit_identically(plain_run, tmp_path, monkeypatch):
+    """The recomputed activations are the same numbers (the dropout masks too: torch restores the random state), so
+    the run is bit-identical; counting timm's calls of torch.utils.checkpoint shows the flag did something."""
+    folder, plain, adapter = plain_run
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    metrics = flag_run(folder, tmp_path, "--grad-checkpointing")
+    assert len(calls) >= 2 * 3 * 6  # epochs x batches x blocks (timm checkpoints each block)
+    assert timeless(metrics["history"]) == timeless(plain["history"]) and metrics["test_acc"] == plain["test_acc"]
+    checkpointed = load_file(tmp_path / "adapter.safetensors")
+    assert checkpointed.keys() == adapter.keys() and all(torch.equal(checkpointed[k], adapter[k]) for k in adapter)
+
+
+def test_grad_checkpointing_is_refused_where_timm_has_none(monkeypatch):
+    import timm
+
+    with pytest.raises(vtab.TrainerFlagError, match=r"--grad-checkpointing: dla46_c \(DLA\) has no gradient"):
+        vtab.enable_grad_checkpointing(timm.create_model("dla46_c", pretrained=False), "dla46_c")
+    monkeypatch.setattr(timm.layers.config, "_USE_REENTRANT_CKPT", True)
+    with pytest.raises(vtab.TrainerFlagError, match="TIMM_REENTRANT_CKPT"):
+        vtab.enable_grad_checkpointing(vtab.create_model(vtab.parse_args([]), num_classes=3), "vit_pico_patch8_32")
+
+
+def test_compile_trains_the_eager_run_up_to_float_reassociation(plain_run, tmp_path, monkeypatch):
+    """torch.compile (inductor, on the CPU) fuses and reorders float sums, so the numbers differ in the last bits:
+    measured 8e-7 at most on adapter values up to 5 after two epochs, the losses within 1e-7. The tolerance, 1e-5,
+    leaves room for other CPUs' kernels; a dropout mask of its own (the error compile_model prevents) moves the
+    adapter by 0.1."""
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", False)  # restored after the test
+    folder, plain, adapter = plain_run
+    metrics = flag_run(folder, tmp_path, "--compile")
+    assert [r["train_loss"] for r in metrics["history"]] == pytest.approx(
+        [r["train_loss"] for r in plain["history"]], rel=1e-5)
+    assert metrics["test_acc"] == plain["test_acc"] and metrics["best_epoch"] == plain["best_epoch"]
+    compiled = load_file(tmp_path / "adapter.safetensors")
+    assert compiled.keys() == adapter.keys()
+    for key in adapter:
+        torch.testing.assert_close(compiled[key], adapter[key], atol=1e-5, rtol=1e-5)

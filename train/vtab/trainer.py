@@ -47,9 +47,10 @@ DEFAULT_LR = {"psoft": 2e-2, "oft": 5e-3, "lora": 2e-2, "peft-oft": 2e-2, "peft-
 #: the suite's grid for adapters.
 FALLBACK_LR = 5e-3
 DEFAULT_HEAD_LR = {"linear": 0.3}
-#: Arguments a --resume may change (train/common/resume_args.py): they cannot change what is trained. Every other
-#: argument must be the run's own; a change of one of these is recorded in metrics.json's "resumes".
-MAY_DIFFER = frozenset({"quiet", "num_workers", "output_dir", "baseline"})
+#: Arguments a --resume may change (train/common/resume_args.py): they cannot change what is trained (gradient
+#: checkpointing recomputes the same activations: bit-identical, tests/test_vtab.py). Every other argument must be
+#: the run's own; a change of one of these is recorded in metrics.json's "resumes".
+MAY_DIFFER = frozenset({"quiet", "num_workers", "output_dir", "baseline", "grad_checkpointing"})
 
 
 def __getattr__(name: str):
@@ -104,8 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-dir", type=Path, help="default runs/vtab/<task>/<method>-seed<seed>")
     g.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     g.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is there")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute each block's activations in the "
+                   "backward pass instead of keeping them (timm's set_grad_checkpointing): less memory, more time")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (the first steps compile)")
     g.add_argument("--resume", action="store_true", help="continue from <output-dir>/checkpoint if it exists; the "
-                   "arguments must be the run's own, except --quiet, --num-workers, --stop-after-epochs, --baseline")
+                   "arguments must be the run's own, except --quiet, --num-workers, --stop-after-epochs, --baseline, "
+                   "--grad-checkpointing")
     g.add_argument("--stop-after-epochs", type=int, help="end this run after N epochs (a time slice on a shared "
                    "machine); --resume continues it")
     g.add_argument("--baseline", choices=("linear",), help="also train this baseline with the same budget and "
@@ -128,6 +133,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+class TrainerFlagError(ValueError):
+    """A flag the chosen model cannot honour."""
+
+
 # ----------------------------------------------------------------------------------------------- building
 def create_model(args, num_classes: int):
     overlay = None
@@ -137,6 +146,38 @@ def create_model(args, num_classes: int):
         overlay = dict(file=str(args.weights))
     return timm.create_model(args.model, pretrained=args.pretrained or overlay is not None,
                              pretrained_cfg_overlay=overlay, num_classes=num_classes)
+
+
+def enable_grad_checkpointing(model, name: str) -> None:
+    """timm's gradient checkpointing of the model's blocks; a model without it (timm asserts) is refused rather than
+    trained without it, as is timm's re-entrant variant, which would give the adapters in frozen blocks no gradient
+    (their input requires none)."""
+    from timm.layers import use_reentrant_ckpt
+
+    setter = getattr(model, "set_grad_checkpointing", None)
+    try:
+        if setter is None:
+            raise NotImplementedError
+        setter(True)
+    except (AssertionError, NotImplementedError) as error:
+        raise TrainerFlagError(f"--grad-checkpointing: {name} ({type(model).__name__}) has no gradient "
+                               "checkpointing in timm; leave the flag out, or choose a model that has it (ViT, "
+                               "ConvNeXt, ...)") from error
+    if use_reentrant_ckpt():
+        raise TrainerFlagError("--grad-checkpointing with TIMM_REENTRANT_CKPT on: re-entrant checkpointing gives the "
+                               "adapters inside frozen blocks no gradient (the blocks' input requires none); unset "
+                               "TIMM_REENTRANT_CKPT")
+
+
+def compile_model(model) -> None:
+    """torch.compile in place (the state dict keeps its names, so checkpoints and adapter files do too), with
+    inductor drawing random numbers as eager PyTorch does (``fallback_random``): its own generator would give the
+    adapter dropout other masks, a run no longer comparable with an eager one (two epochs on a small task moved
+    the adapter by 0.1). So a compiled run is the eager run up to the reassociation of float sums."""
+    import torch._inductor.config
+
+    torch._inductor.config.fallback_random = True
+    model.compile()
 
 
 def apply_method(model, args):
@@ -258,10 +299,14 @@ def build(args, accelerator) -> Training:
     del probe
     set_seed(args.seed)
     model = create_model(args, num_classes=classes)
+    if args.grad_checkpointing:
+        enable_grad_checkpointing(model, args.model)
     head = model.pretrained_cfg.get("classifier", "head")
     start = time.perf_counter()
     model = apply_method(model, args)
     setup_s = time.perf_counter() - start
+    if args.compile:
+        compile_model(model)
     trainable, head_params = count_trainable(model, head)
 
     optimizer = make_optimizer(model, head, args)
