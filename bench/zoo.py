@@ -293,6 +293,7 @@ class FamilyResult:
     methods: dict[str, MethodResult] = field(default_factory=dict)
     error: str = ""  # the model itself could not be built or run
     seconds: float = 0.0
+    input_side: str = ""  # the input's height (and width where it differs), in pixels
 
     def passed(self) -> bool:
         return not self.error and all(r.status == "pass" for r in self.methods.values())
@@ -388,6 +389,8 @@ def run(entry: Entry, methods=tuple(METHODS)) -> FamilyResult:
         result.error = f"{type(error).__name__}: {error}"
         result.seconds = time.perf_counter() - start
         return result
+    height, width = built.x.shape[-2:]
+    result.input_side = f"{height}" if height == width else f"{height}x{width}"
     targets = pv.PSOFTConfig().targets
     try:
         model = built.fresh()
@@ -448,15 +451,16 @@ def markdown(results: list[FamilyResult], seconds: float, command: str) -> str:
         f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}, torch {torch.__version__}); "
         f"regenerate with `{command}`. The last column is each family's time: build, both methods, every check.",
         "",
-        "| family | model | adapted layers | layer types | PSOFT trainable | OFTv2 trainable | PSOFT | OFTv2 "
-        "| seconds |",
-        "|---|---|--:|---|--:|--:|---|---|--:|",
+        "| family | model | input px | adapted layers | layer types | PSOFT trainable | OFTv2 trainable | PSOFT "
+        "| OFTv2 | seconds |",
+        "|---|---|--:|--:|---|--:|--:|---|---|--:|",
     ]
     for r in results:
         types = ", ".join(f"{t} {c}" for t, c in r.layer_types.most_common())
         trainable = [f"{r.methods[m].trainable:,}" if m in r.methods and r.methods[m].status == "pass" else ""
                      for m in METHODS]
-        lines.append(f"| {r.entry.family} | `{r.entry.label()}` | {r.layers} | {types} | {' | '.join(trainable)} | "
+        lines.append(f"| {r.entry.family} | `{r.entry.label()}` | {r.input_side} | {r.layers} | {types} | "
+                     f"{' | '.join(trainable)} | "
                      f"{' | '.join(_status(r, m) for m in METHODS)} | {r.seconds:.1f} |")
     notes = [(r.entry.family, r.entry.why) for r in results if r.entry.why]
     if notes:

@@ -91,7 +91,7 @@ def test_the_table_replaces_only_its_own_section(tmp_path):
     result = zoo.run(zoo.entry_for("resnet"))
     zoo.write_section(path, zoo.markdown([result], 1.0, "make zoo"))
     text = path.read_text()
-    assert "old" not in text and "| resnet | `test_resnet` | 12 |" in text
+    assert "old" not in text and "| resnet | `test_resnet` | 160 | 12 |" in text
     assert text.endswith("## diffusers\n\n<!-- diffusers:start -->\nunet table\n<!-- diffusers:end -->\n")
     fresh = tmp_path / "new.md"
     zoo.write_section(fresh, "table")
