@@ -6,7 +6,10 @@ steps, well under a second each), and the DreamBooth trainer on a tiny pipeline 
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -230,3 +233,24 @@ def test_dreambooth_latest_without_a_checkpoint_starts_the_run(dreambooth_cut, t
     argv, _ = dreambooth_cut
     assert dreambooth.main(argv(tmp_path, "--resume_from_checkpoint", "latest", "--max_train_steps", 1))["finished"]
     assert "no checkpoint" in capsys.readouterr().out
+
+
+def test_two_processes_stop_and_resume_exactly(task, tmp_path):
+    """Two CPU processes (a gloo group, as tests/test_vtab.py launches them): each writes its own random states into
+    the checkpoint, the main process seals it, and the resumed run equals the uninterrupted one. (--protocol final:
+    twelve images, three global batches of four.)"""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "train.vtab"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def run(out: Path, *more) -> None:
+        subprocess.run([*launch, *vtab_argv(task, out, "--protocol", "final", *more)], check=True,
+                       cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True)
+
+    run(tmp_path / "whole")
+    run(tmp_path / "cut", "--stop-after-epochs", 1)
+    manifest = json.loads((tmp_path / "cut" / "checkpoint" / "manifest.json").read_text())
+    assert manifest["processes"] == 2 and {"random_states_0.pkl", "random_states_1.pkl"} <= set(manifest["files"])
+    run(tmp_path / "cut", "--resume")
+    assert_same_result(tmp_path / "cut", tmp_path / "whole")
+    assert json.loads((tmp_path / "cut" / "metrics.json").read_text())["processes"] == 2
