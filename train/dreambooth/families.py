@@ -41,12 +41,15 @@ class Family:
     image_condition: Callable | None = None  # (sizes, resolution) -> {name: (N, ...)}: per-image conditioning
     tokens: Callable = lambda shape: shape[-2] * shape[-1]  # image tokens of a latent shape, for a dynamic shift
     sequence_length: bool = False  # the pipeline takes max_sequence_length (a T5 or Gemma text encoder)
+    generate: tuple[tuple[str, object], ...] = ()  # fixed arguments of the pipeline's __call__ for our images
 
     def call_kwargs(self, args) -> dict:
-        """Extra keyword arguments of the pipeline's ``__call__`` for validation images, as training conditions."""
+        """Extra keyword arguments of the pipeline's ``__call__`` for class and validation images: the prompt length
+        training encodes with, and the family's fixed ones."""
+        kwargs = dict(self.generate)
         if self.sequence_length and args.max_sequence_length:
-            return {"max_sequence_length": args.max_sequence_length}
-        return {}
+            kwargs["max_sequence_length"] = args.max_sequence_length
+        return kwargs
 
 
 def _length(args) -> dict:
@@ -166,7 +169,8 @@ FAMILIES = {f.name: f for f in (
            "resolution-dependent shift", ("FluxPipeline",), encode_flux, predict_flux, "flow", ("text_encoder",),
            kohya=True, tokens=lambda shape: (shape[-2] // 2) * (shape[-1] // 2), sequence_length=True),
     Family("sana", "Sana: Gemma 2 with Sana's instruction, a linear-attention DiT on DC-AE latents, flow matching",
-           ("SanaPipeline",), encode_sana, predict_sana, "flow", (), kohya=False, sequence_length=True),
+           ("SanaPipeline",), encode_sana, predict_sana, "flow", (), kohya=False, sequence_length=True,
+           generate=(("use_resolution_binning", False),)),  # images at --resolution, as training sees them
 )}
 
 
