@@ -1,9 +1,13 @@
 """DreamBooth trainer (train/dreambooth/) end to end through its CLI entry point, on a tiny pipeline built from the
 project's configs (train/offline/pretrain_t2i.py) and saved to a temporary folder, so every run takes the real
 ``from_pretrained`` path: outputs, adapter file keys and metadata, the exported LoRA under diffusers'
-``load_lora_weights``, exact resumption, the prior-preservation batch, the v-prediction target, clear errors."""
+``load_lora_weights``, exact resumption, the prior-preservation batch, the v-prediction target, clear errors, and
+diffusers' flags (accumulation, checkpointing, 8-bit Adam, schedules, clipping, validation epochs, tensorboard,
+uncached latents, ranks per module type, text encoders with PEFT LoRA, the flags refused). Every pipeline family:
+tests/test_dreambooth_families.py."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -289,3 +293,135 @@ def test_flow_matching_on_an_sd3_style_transformer(subject_dir, tmp_path):
     fresh = load_sd3()
     fresh.load_lora_weights(tmp_path / "out" / "lora")
     assert rel_err(out(fresh), expected) <= TOL
+
+
+# ------------------------------------------------------------------------------------------ diffusers' flags
+def test_accumulation_clipping_schedule_validation_epochs_8bit_adam_and_tensorboard(
+        pipe_dir, subject_dir, class_dir, tmp_path, monkeypatch):
+    """One run with many flags at once: 4 optimiser steps of 2 micro-batches each, validation every epoch (3 views
+    in batches of 1, 2 per step: 2 steps an epoch), a clipped gradient, a constant schedule after warm-up,
+    bitsandbytes' 8-bit AdamW and tensorboard event files holding the loss."""
+    pytest.importorskip("bitsandbytes")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    calls = []
+    apply_method = dreambooth.apply_method
+
+    def counting(models, args):
+        apply_method(models, args)
+        models["unet"].register_forward_pre_hook(lambda m, a: calls.append(1) if m.training else None)
+
+    monkeypatch.setattr(dreambooth, "apply_method", counting)
+    out = tmp_path / "out"
+    result = dreambooth.main(cli(pipe_dir, subject_dir, class_dir, out, "--no-with_prior_preservation",
+                                 "--train_batch_size", 1, "--gradient_accumulation_steps", 2, "--max_train_steps", 4,
+                                 "--validation_epochs", 1, "--max_grad_norm", 1e-3, "--lr_scheduler",
+                                 "constant_with_warmup", "--lr_warmup_steps", 3, "--use_8bit_adam", "--allow_tf32",
+                                 "--report_to", "tensorboard"))
+    assert result["finished"] and len(calls) == 8 and result["optimizer"] == "AdamW8bit"
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert [r["lr"] / 1e-2 for r in history] == pytest.approx([2 / 3, 1, 1, 1])  # the next step's rate
+    assert all(r["grad_norm"] > 1e-3 for r in history)  # norms before clipping, all clipped
+    assert [p.name for p in sorted((out / "validation").iterdir())] == ["step-000002.png", "step-000004.png"]
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in history], rel=1e-6)
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4] and "validation" in events.Tags()["images"]
+
+
+def test_gradient_checkpointing_and_uncached_latents_train_what_the_default_trains(
+        pipe_dir, subject_dir, class_dir, tmp_path):
+    runs = {"default": (), "checkpointing": ("--gradient_checkpointing",), "uncached": ("--no-cache_latents",)}
+    tensors = {}
+    for name, flags in runs.items():
+        dreambooth.main(cli(pipe_dir, subject_dir, class_dir, tmp_path / name, "--random_flip", *flags))
+        tensors[name] = pv.read_adapter(tmp_path / name / "adapter.safetensors")[1]
+    for name in ("checkpointing", "uncached"):
+        assert tensors[name].keys() == tensors["default"].keys()
+        for key, value in tensors["default"].items():
+            assert torch.allclose(tensors[name][key], value, atol=1e-6), (name, key)
+
+
+def test_rank_pattern_sets_ranks_per_module_type_and_name(pipe_dir, subject_dir, class_dir, tmp_path):
+    from train.dreambooth.ranks import module_type
+
+    out = tmp_path / "psoft"
+    dreambooth.main(cli(pipe_dir, subject_dir, class_dir, out, "--max_train_steps", 1, "--rank", 4,
+                        "--rank_pattern", "attn=8,ff=2,attn2.to_k=3"))
+    header, _ = pv.read_adapter(out / "adapter.safetensors")
+    unet = load(pipe_dir).unet
+    expected = {name: 3 if name.endswith("attn2.to_k") else {"attn": 8, "ff": 2, "proj": 4}[module_type(unet, name)]
+                for name in header["layers"]}
+    assert {n: d["rank"] for n, d in header["layers"].items()} == expected
+    assert set(expected.values()) == {2, 3, 4, 8} and header["config"]["rank_pattern"] == {
+        n: r for n, r in expected.items() if r != 4}
+
+    lora = tmp_path / "lora"  # the PEFT baseline takes the same pattern as its ranks
+    dreambooth.main(cli(pipe_dir, subject_dir, class_dir, lora, "--max_train_steps", 1, "--method", "lora",
+                        "--lora_rank", 4, "--rank_pattern", "attn=8,ff=2,attn2.to_k=3"))
+    with safe_open(lora / "lora" / "pytorch_lora_weights.safetensors", "pt") as f:
+        ranks = {k.removeprefix("unet.").removesuffix(".lora_A.weight"): f.get_slice(k).get_shape()[0]
+                 for k in f.keys() if k.endswith("lora_A.weight")}
+    assert ranks == expected
+
+    for flags, message in [(("--rank_pattern", "attn"), "KEY=SIZE"), (("--rank_pattern", "vae=3"), "set no adapted"),
+                           (("--block_size_pattern", "ff=8"), "does not apply to --method psoft")]:
+        with pytest.raises(dreambooth.DreamBoothError, match=message):
+            dreambooth.main(cli(pipe_dir, subject_dir, class_dir, tmp_path / "bad", "--max_train_steps", 1, *flags))
+
+
+def test_train_text_encoder_with_peft_lora_saves_both_and_diffusers_loads_them(pipe_dir, subject_dir, class_dir,
+                                                                                tmp_path):
+    result = dreambooth.main(cli(pipe_dir, subject_dir, class_dir, tmp_path, "--max_train_steps", 1, "--method",
+                                 "lora", "--train_text_encoder", "--text_encoder_lr", 1e-3))
+    assert result["trained"] == ["unet", "text_encoder"]
+    with safe_open(tmp_path / "lora" / "pytorch_lora_weights.safetensors", "pt") as f:
+        prefixes = {k.split(".")[0] for k in f.keys()}
+    assert prefixes == {"unet", "text_encoder"}
+    pipe = load(pipe_dir)
+    ids = pipe.tokenizer("a photo of sks bag", return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = pipe.text_encoder(ids).last_hidden_state
+        pipe.load_lora_weights(tmp_path / "lora")
+        assert not torch.equal(pipe.text_encoder(ids).last_hidden_state, before)
+
+
+def test_diffusers_flags_we_do_not_take_are_listed_and_refused_with_the_reason(pipe_dir, subject_dir, class_dir,
+                                                                                tmp_path):
+    from train.dreambooth.cli import UNSUPPORTED
+
+    help_text = dreambooth.build_parser().format_help()
+    assert all(flag in help_text for flag in UNSUPPORTED) and "--push_to_hub: offline" in help_text
+    for flag, reason in [("--center_crop", "always centre-cropped"), ("--push_to_hub", "offline"),
+                         ("--num_train_epochs", "--max_train_steps")]:
+        with pytest.raises(dreambooth.DreamBoothError, match=f"{flag} .*not supported here: .*{reason}"):
+            dreambooth.parse_args([flag, "3"] if flag == "--num_train_epochs" else [flag])
+    assert "center_crop" not in vars(dreambooth.parse_args([]))  # not recorded as an argument
+
+
+def test_schedules_and_8bit_adam_errors(monkeypatch):
+    import sys
+
+    from train.dreambooth.optim import adamw_8bit, schedule_factor
+
+    values = {name: [schedule_factor(name, 10, 4)(s) for s in (0, 3, 4, 7, 9)]
+              for name in ("constant", "constant_with_warmup", "linear")}
+    assert values == {"constant": [1, 1, 1, 1, 1], "constant_with_warmup": [0.25, 1, 1, 1, 1],
+                      "linear": [0.25, 1, 1, 0.5, 1 / 6]}
+    assert schedule_factor("cosine", 10, 4)(9) == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 6)))
+    with monkeypatch.context() as patch:  # as if bitsandbytes were not installed
+        patch.setitem(sys.modules, "bitsandbytes", None)
+        with pytest.raises(dreambooth.DreamBoothError, match="pip install bitsandbytes"):
+            adamw_8bit(torch.device("cpu"))
+    bnb = pytest.importorskip("bitsandbytes")
+
+    class NoKernels(torch.optim.Optimizer):
+        def __init__(self, params, lr):
+            super().__init__(params, {"lr": lr})
+
+        def step(self, closure=None):
+            raise NotImplementedError("no 8-bit kernels for this device")
+
+    monkeypatch.setattr(bnb.optim, "AdamW8bit", NoKernels)
+    with pytest.raises(dreambooth.DreamBoothError, match="cannot run 8-bit AdamW on cpu .*leave out --use_8bit_adam"):
+        adamw_8bit(torch.device("cpu"))

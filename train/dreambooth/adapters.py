@@ -14,6 +14,7 @@ from pathlib import Path
 import psoft_vision as pv
 from psoft_vision.diffusers import denoiser as find_denoiser
 from psoft_vision.targets import select
+from psoft_vision.targets.structure import is_diffusers_model
 
 from ..common.methods import build_config, registered
 from .errors import DreamBoothError
@@ -71,12 +72,26 @@ def apply_method(models: dict, args) -> None:
 
 
 def _add_lora(model, targets: str, args, sizes: dict[str, int]) -> None:
-    """PEFT LoRA on the layers ours adapts, added the way diffusers' trainers add it (alpha = rank)."""
-    from peft import LoraConfig
+    """PEFT LoRA on the layers ours adapts, added the way diffusers' trainers add it (alpha = rank): a diffusers
+    model's ``add_adapter``; a text encoder gets PEFT's own injection, which is what transformers' ``add_adapter``
+    does (and that one insists on newer PEFT releases than diffusers does)."""
+    from peft import LoraConfig, inject_adapter_in_model
 
-    layers = select(model, targets)
-    model.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, target_modules=layers,
-                                 rank_pattern=dict(sizes), alpha_pattern=dict(sizes), init_lora_weights=True))
+    config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, target_modules=select(model, targets),
+                        rank_pattern=dict(sizes), alpha_pattern=dict(sizes), init_lora_weights=True)
+    if is_diffusers_model(model):
+        model.add_adapter(config)
+    else:
+        inject_adapter_in_model(config, model)
+
+
+def peft_lora_state(model) -> dict:
+    """A model's PEFT LoRA tensors under the keys diffusers' ``save_lora_weights`` takes (no adapter name)."""
+    from peft.utils import get_peft_model_state_dict
+
+    if getattr(model, "peft_config", None):
+        return get_peft_model_state_dict(model)
+    return {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
 
 
 def save_outputs(pipe, models: dict, family, args) -> dict:
@@ -85,9 +100,7 @@ def save_outputs(pipe, models: dict, family, args) -> dict:
     lora = output_dir / "lora" / LORA_FILE
     method = registered(args.method)
     if method is None:
-        from peft.utils import get_peft_model_state_dict
-
-        type(pipe).save_lora_weights(lora.parent, **{f"{role}_lora_layers": get_peft_model_state_dict(model)
+        type(pipe).save_lora_weights(lora.parent, **{f"{role}_lora_layers": peft_lora_state(model)
                                                      for role, model in models.items()})
         return {"lora": str(lora), "kohya": "not written: PEFT LoRA runs save diffusers' own LoRA file only"}
     saved = {}
