@@ -10,6 +10,7 @@ from .config import AdapterConfig
 from .errors import AdapterNameError, ConfigError, TargetNotFoundError, UnsupportedLayerError
 from .layer import AdaptedLayer
 from .lifecycle import REQUIRES_GRAD, adapted_layers, adapter_names
+from .quantized import keep_training_layout
 from .registry import method_of
 from .targets import excluder, select
 
@@ -65,6 +66,7 @@ def inject(model: nn.Module, config: AdapterConfig | None = None, name: str = "d
     for layer_name, adapter in adapters.items():
         module = model.get_submodule(layer_name)
         if not isinstance(module, AdaptedLayer):
+            keep_training_layout(module)
             module = AdaptedLayer(module).train(module.training)
             model.set_submodule(layer_name, module)
         module.add(name, adapter.train(module.training))  # an eval-mode model stays in eval mode: no dropout

@@ -41,8 +41,8 @@ def quantization_of(module: nn.Module, name: str = "") -> str | None:
     ``"bnb-int8"``, ``"torchao-int8"``), None for a floating weight, or an ``UnsupportedLayerError`` for any other
     quantization."""
     weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        return None
+    if not isinstance(weight, torch.Tensor) or isinstance(weight, nn.parameter.UninitializedParameter):
+        return None  # no weight yet: base_of says so
     kind = type(weight).__name__
     if type(weight).__module__.startswith("bitsandbytes"):
         if kind == "Params4bit":
@@ -79,10 +79,32 @@ def dequantized_weight(module: nn.Module, quantization: str) -> torch.Tensor:
     if quantization.startswith("bnb-") and quantization != "bnb-int8":
         from bitsandbytes.functional import dequantize_4bit
 
-        return dequantize_4bit(weight.data, weight.quant_state).float()
+        return dequantize_4bit(*_training_layout(weight)).float()
     if quantization == "bnb-int8":
         return weight.data.float() * (_int8_scales(module).float()[:, None] / 127)
     return weight.dequantize().float()
+
+
+def _training_layout(weight) -> tuple[torch.Tensor, object]:
+    """A 4-bit weight's data and quantization state in bitsandbytes' ordinary layout. On a CPU with AVX512-BF16,
+    bitsandbytes repacks a Linear4bit's weight for a bf16 kernel at its first eval-mode forward: that layout
+    dequantizes to garbage through dequantize_4bit, so it is converted back (on copies; the module is untouched)."""
+    if getattr(weight.quant_state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        return _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+    return weight.data, weight.quant_state
+
+
+def keep_training_layout(module: nn.Module) -> None:
+    """Stop bitsandbytes from repacking an adapted Linear4bit for its CPU bf16 kernel (and undo a repack already
+    made): a repacked layer computes eval-mode outputs about 0.3% away from training-mode ones, and a training forward
+    after that repack fails inside bitsandbytes ("a view of a leaf Variable ... in-place")."""
+    if getattr(module, "support_avx512bf16_for_cpu", False):
+        module.support_avx512bf16_for_cpu = False
+    weight = getattr(module, "weight", None)
+    if weight is not None and getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+        weight.data, weight.quant_state = _training_layout(weight)
 
 
 def _linears(model: nn.Module, skip: set[str]) -> list[str]:
@@ -141,5 +163,6 @@ def quantize_base(model: nn.Module, scheme: str = "nf4", skip=None) -> nn.Module
         return model
     replacements = {n: _bnb_linear(model.get_submodule(n), kind, options) for n in names}
     for n, layer in replacements.items():
+        keep_training_layout(layer)
         model.set_submodule(n, layer)
     return model

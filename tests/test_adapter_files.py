@@ -64,7 +64,7 @@ def test_file_holds_the_trainable_tensors_and_metadata(trained):
     assert header["package_version"] == pv.__version__ and header["strength"] == 1.0 and header["anchors"] is True
     layers = header["layers"]
     assert layers["blocks.0.attn.qkv"] == {"rank": 8, "chunks": 3, "svd": "full", "weight_shape": [192, 64],
-                                           "weight_dtype": "float32"}
+                                           "weight_dtype": "float32", "quantization": None}
     assert set(header["fingerprints"]) == set(layers)
     expected = {f"{layer}.{p}" for layer in layers for p in ("q", "alpha", "beta", "anchor.subspace_sketch")}
     assert set(tensors) == expected | {"train_modules.head.weight", "train_modules.head.bias"}

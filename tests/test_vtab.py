@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import psoft_vision as pv
 from train.offline import data as offline_data
 from train.vtab import suite as vtab_suite
 from train.vtab import trainer as vtab
@@ -249,3 +250,27 @@ def test_compile_trains_the_eager_run_up_to_float_reassociation(plain_run, tmp_p
     assert compiled.keys() == adapter.keys()
     for key in adapter:
         torch.testing.assert_close(compiled[key], adapter[key], atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------- --quantize
+@pytest.mark.parametrize("method", ["psoft", "oft", "qlora"])
+def test_quantized_bases_train_resume_and_save(plain_run, tmp_path, method):
+    """QPSOFT, QOFT and PEFT's QLoRA on an NF4 base: they learn, an interrupted run resumes exactly, and ours
+    save an adapter that records the quantization."""
+    folder, _, _ = plain_run
+    quantize = [] if method == "qlora" else ["--quantize", "nf4"]  # qlora quantizes to nf4 by itself
+    whole = flag_run(folder, tmp_path / "whole", "--method", method, *quantize)
+    assert whole["args"]["quantize"] == "nf4" and whole["finished"]
+    flag_run(folder, tmp_path / "cut", "--method", method, *quantize, "--stop-after-epochs", "1")
+    resumed = flag_run(folder, tmp_path / "cut", "--method", method, *quantize, "--resume")
+    assert timeless(resumed["history"]) == timeless(whole["history"])
+    if method != "qlora":
+        header, _ = pv.read_adapter(tmp_path / "whole" / "adapter.safetensors")
+        assert {layer["quantization"] for layer in header["layers"].values()} == {"bnb-nf4"}
+        a, b = (load_file(tmp_path / run / "adapter.safetensors") for run in ("whole", "cut"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_quantized_base_cannot_be_trained_in_full(tmp_path):
+    with pytest.raises(vtab.TrainerFlagError, match="--quantize nf4 with --method full"):
+        vtab.main(short(tmp_path, "--method", "full", "--quantize", "nf4"))

@@ -288,6 +288,14 @@ def load_checkpoint(accelerator, folder: Path, settle: bool = False) -> tuple[di
     return state, best
 
 
+def _quantized(model) -> bool:
+    """Whether the model holds bitsandbytes layers. Once quantized, they cannot load the quantization-state entries
+    of their own state dict (``weight.absmax``, ``weight.quant_map``, ...), so such a model's state is loaded
+    without strict key matching: its frozen base is rebuilt the same from the base weights and --quantize, the
+    manifest vouches for the files and the argument check for the run, and the trainable tensors load as usual."""
+    return any(type(p).__module__.startswith("bitsandbytes") for p in model.parameters())
+
+
 def _load(accelerator, folder: Path) -> tuple[dict, dict | None]:
     manifest = verify_checkpoint(folder)
     rng = f"random_states_{accelerator.process_index}.pkl"
@@ -295,7 +303,7 @@ def _load(accelerator, folder: Path) -> tuple[dict, dict | None]:
         raise CheckpointError(f"{folder} holds no {rng}: it was written by {manifest['processes']} process(es), "
                               f"and this is process {accelerator.process_index}; resume with as many processes")
     try:
-        accelerator.load_state(str(folder))
+        accelerator.load_state(str(folder), strict=not any(_quantized(model) for model in accelerator._models))
     except Exception as error:
         raise CheckpointError(f"{folder} matches its manifest but accelerate cannot load it ({type(error).__name__}: "
                               f"{error}); was it written for another model or method? Resume with the run's own "

@@ -34,15 +34,15 @@ from ..common.schedule import cosine_with_warmup
 from ..offline import backbone  # noqa: F401  registers the offline backbone with timm
 from .data import Preprocess, folder_splits, offline_splits
 
-PEFT = ("lora", "peft-oft", "peft-psoft")
+PEFT = ("lora", "qlora", "peft-oft", "peft-psoft")
 #: The trainer's own methods beside every registered one (see train/common/methods.py).
 BASELINES = (*PEFT, "full", "linear")
 DEFAULT_MODEL = "vit_pico_patch8_32.fmnist"
 DEFAULT_TASK = "photo-crops"
 #: What the committed learning-rate search on VTAB-offline chose for the offline backbone (docs/vtab_offline.md);
 #: linear probing trains the head only, so its --lr is never used.
-DEFAULT_LR = {"psoft": 2e-2, "oft": 5e-3, "lora": 2e-2, "peft-oft": 2e-2, "peft-psoft": 2e-2, "full": 3e-3,
-              "linear": 5e-3}
+DEFAULT_LR = {"psoft": 2e-2, "oft": 5e-3, "lora": 2e-2, "qlora": 2e-2, "peft-oft": 2e-2, "peft-psoft": 2e-2,
+              "full": 3e-3, "linear": 5e-3}
 #: The learning rate of a method missing from DEFAULT_LR (a newly registered one, not searched yet): the middle of
 #: the suite's grid for adapters.
 FALLBACK_LR = 5e-3
@@ -80,7 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for task folders")
     g = p.add_argument_group("method")
     g.add_argument("--method", choices=method_choices(BASELINES), default="psoft",
-                   help="lora, peft-oft and peft-psoft run PEFT")
+                   help="lora, peft-oft and peft-psoft run PEFT; qlora is PEFT LoRA on a quantized base (--quantize, "
+                   "nf4 by default)")
+    g.add_argument("--quantize", choices=tuple(pv.quantized.SCHEMES), help="quantize the base model's linear layers "
+                   "(not the head) before the method: QPSOFT / QOFT with ours, QLoRA with lora (psoft_vision."
+                   "quantize_base; bitsandbytes or torchao)")
     g.add_argument("--rank", type=int, default=24, help="PSOFT rank r, ours and PEFT's (SPEC for ViT-B/16: 46)")
     g.add_argument("--block-size", type=int, default=32, help="OFT block size, ours and PEFT's")
     g.add_argument("--lora-rank", type=int, default=8)
@@ -123,6 +127,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.data_dir is None and args.task is None:
         args.task = DEFAULT_TASK
+    if args.method == "qlora" and args.quantize is None:
+        args.quantize = "nf4"  # QLoRA's quantization
+    if args.quantize and args.method == "full":
+        raise TrainerFlagError(f"--quantize {args.quantize} with --method full: a quantized base cannot be trained "
+                               "in full; use an adapter method, or leave --quantize out.")
     if args.lr is None:
         args.lr = DEFAULT_LR.get(args.method, FALLBACK_LR)
     if args.head_lr is None:
@@ -210,7 +219,7 @@ def apply_peft(model, args, trained: list[str]):
         "peft-oft": lambda: peft.OFTConfig(r=0, oft_block_size=args.block_size, module_dropout=args.adapter_dropout,
                                            **common),
         "peft-psoft": lambda: peft.PsoftConfig(r=args.rank, psoft_dropout=args.adapter_dropout, **common),
-    }[args.method]()
+    }["lora" if args.method == "qlora" else args.method]()  # QLoRA: LoRA, on the base --quantize made
     return peft.get_peft_model(model, config)
 
 
@@ -299,6 +308,8 @@ def build(args, accelerator) -> Training:
     del probe
     set_seed(args.seed)
     model = create_model(args, num_classes=classes)
+    if args.quantize:
+        pv.quantize_base(model, args.quantize)
     if args.grad_checkpointing:
         enable_grad_checkpointing(model, args.model)
     head = model.pretrained_cfg.get("classifier", "head")
