@@ -425,3 +425,22 @@ def test_schedules_and_8bit_adam_errors(monkeypatch):
     monkeypatch.setattr(bnb.optim, "AdamW8bit", NoKernels)
     with pytest.raises(dreambooth.DreamBoothError, match="cannot run 8-bit AdamW on cpu .*leave out --use_8bit_adam"):
         adamw_8bit(torch.device("cpu"))
+
+
+def test_lora_export_from_a_written_adapter_file_equals_the_direct_export(pipe_dir, subject_dir, class_dir, tmp_path):
+    """The route a sharded (FSDP) run takes: adapter files written from gathered tensors, the LoRA files exported
+    from a whole copy of the model loaded again with them."""
+    from train.dreambooth.adapters import save_outputs
+    from train.dreambooth.families import FAMILIES
+
+    direct = tmp_path / "direct"
+    dreambooth.main(cli(pipe_dir, subject_dir, class_dir, direct, "--max_train_steps", 1))
+    pipe = load_adapter_into_pipeline(load(pipe_dir), direct / "adapter.safetensors")
+    args = dreambooth.parse_args(cli(pipe_dir, subject_dir, class_dir, tmp_path / "from-file"))
+    result = save_outputs(pipe, {"unet": pipe.unet}, FAMILIES["sd"], args,
+                          written={"unet": direct / "adapter.safetensors"})
+    assert result["adapter"] == str(direct / "adapter.safetensors")
+    for name in ("pytorch_lora_weights.safetensors", "kohya.safetensors"):
+        with safe_open(direct / "lora" / name, "pt") as a, safe_open(tmp_path / "from-file" / "lora" / name, "pt") as b:
+            keys = set(a.keys())
+            assert keys == set(b.keys()) and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in keys)

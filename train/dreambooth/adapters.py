@@ -94,8 +94,15 @@ def peft_lora_state(model) -> dict:
     return {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
 
 
-def save_outputs(pipe, models: dict, family, args) -> dict:
-    """Write the run's adapter files (see the module docstring); returns their paths for metrics.json."""
+def adapter_path(output_dir: Path, role: str) -> Path:
+    name = "adapter" if role in ("unet", "transformer") else f"adapter_{role}"
+    return Path(output_dir) / f"{name}.safetensors"
+
+
+def save_outputs(pipe, models: dict, family, args, written: dict[str, Path] | None = None) -> dict:
+    """Write the run's adapter files (see the module docstring); returns their paths for metrics.json.
+    ``written``: adapter files already written from a sharded model (:func:`sharded_savers`); the LoRA files are then
+    exported from an unsharded copy of that model with the file loaded."""
     output_dir = Path(args.output_dir)
     lora = output_dir / "lora" / LORA_FILE
     method = registered(args.method)
@@ -103,12 +110,42 @@ def save_outputs(pipe, models: dict, family, args) -> dict:
         type(pipe).save_lora_weights(lora.parent, **{f"{role}_lora_layers": peft_lora_state(model)
                                                      for role, model in models.items()})
         return {"lora": str(lora), "kohya": "not written: PEFT LoRA runs save diffusers' own LoRA file only"}
-    saved = {}
-    for role, model in models.items():
-        name = "adapter" if role in ("unet", "transformer") else f"adapter_{role}"
-        saved[name] = str(pv.save_adapter(model, output_dir / f"{name}.safetensors"))
+    written = dict(written or {})
+    saved = {adapter_path(output_dir, role).stem: str(written.get(role) or pv.save_adapter(
+        model, adapter_path(output_dir, role))) for role, model in models.items()}
+    if written:
+        pipe = unsharded(pipe, models, written, args)
     pv.export_lora(pipe, lora, format="diffusers", full_deltas=not method.low_rank)
     return dict(saved, lora=str(lora), kohya=_kohya(pipe, family, lora.with_name(KOHYA_FILE), method))
+
+
+def sharded_savers(models: dict, args) -> dict:
+    """Under FSDP, before the models are sharded: an AdapterSaver (psoft_vision.distributed) for each, which later
+    writes its adapter file from the gathered adapter tensors alone. The PEFT LoRA baseline is not offered there."""
+    from psoft_vision.distributed import AdapterSaver
+
+    if registered(args.method) is None:
+        raise DreamBoothError("--method lora under FSDP: the PEFT LoRA baseline runs unsharded; use --method psoft "
+                              "or oft, or launch without FSDP.")
+    return {role: AdapterSaver(model) for role, model in models.items()}
+
+
+def unsharded(pipe, models: dict, written: dict[str, Path], args):
+    """A stand-in pipeline for the LoRA exports: each sharded model loaded again from the pipeline folder (on the CPU,
+    whole) with its adapter file loaded."""
+    from types import SimpleNamespace
+
+    from torch.distributed.fsdp import FSDPModule
+
+    parts = {}
+    for role, model in models.items():
+        if role in written:  # fully_shard made the class FSDP<class>: load the model's own class
+            cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+            fresh = cls.from_pretrained(Path(args.pretrained_model_name_or_path), subfolder=role)
+            parts[role] = pv.load_adapter(fresh, written[role])
+        else:
+            parts[role] = model
+    return SimpleNamespace(**(dict(pipe.components) | parts))
 
 
 def _kohya(pipe, family, path: Path, method) -> str:

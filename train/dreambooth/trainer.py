@@ -39,7 +39,7 @@ from ..common.checkpoint import find_checkpoint, is_checkpoint, load_checkpoint,
 from ..common.metrics_files import recorded_args, write_csv, write_json
 from ..common.resume_args import check_resume_args
 from . import cli
-from .adapters import apply_method, save_outputs, trained_models
+from .adapters import adapter_path, apply_method, save_outputs, sharded_savers, trained_models
 from .cli import BASELINES, DEFAULT_LR, DEFAULT_PIPELINE, DEFAULT_SUBJECT, FALLBACK_LR  # noqa: F401  (re-exported)
 from .diffusion import (  # noqa: F401  (prior_batch, dreambooth_loss, training_target: re-exported for tests)
     ImageSet,
@@ -101,6 +101,7 @@ class Training:
     class_images_s: float = 0.0
     flow: dict | None = None  # the flow-matching sampling settings (diffusion.flow_settings)
     dtypes: dict[str, str] = field(default_factory=dict)
+    savers: dict | None = None  # FSDP: the denoiser's AdapterSaver (made before sharding)
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
@@ -221,9 +222,8 @@ def build(args, accelerator) -> Training:
     models, dtypes = prepare_models(pipe, family, args, accelerator)
     data = encode_data(pipe, family, args, instance_paths)
     optimizer = make_optimizer(optimiser_groups(models, args), args, accelerator.device)
-    model, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer, make_scheduler(optimizer, args))
-    if len(models) > 1:
-        accelerator.register_for_checkpointing(TrainableState(list(models.values())[1:]))
+    model, optimizer, lr_scheduler, savers = prepare(accelerator, models, optimizer, make_scheduler(optimizer, args),
+                                                     args)
     classes = len(data["class_"]) if data["class_"] is not None else 0
     every = args.validation_steps if args.validation_epochs is None else args.validation_epochs * steps_per_epoch(
         len(data["instance"]), classes, args.train_batch_size, accelerator.num_processes,
@@ -233,7 +233,35 @@ def build(args, accelerator) -> Training:
     return Training(accelerator, pipe, family, models, model, optimizer, lr_scheduler, noise_scheduler,
                     prediction_type, **data, params=[p for g in optimizer.param_groups for p in g["params"]],
                     validation_every=every, class_images_generated=generated, class_images_s=class_s, flow=flow,
-                    dtypes=dtypes)
+                    dtypes=dtypes, savers=savers)
+
+
+def prepare(accelerator, models: dict, optimizer, scheduler, args) -> tuple:
+    """accelerate's prepare. Unsharded, the denoiser alone: the pipeline calls the text encoders itself, so their
+    gradients are averaged by hand and their tensors checkpointed as a registered object. Under FSDP2, whose
+    ``fully_shard`` changes modules in place (the pipeline keeps calling the same objects), every trained model is
+    prepared, after an AdapterSaver is made from each whole model."""
+    denoiser, encoders = next(iter(models.values())), list(models.values())[1:]
+    if not is_sharded(accelerator):
+        model, optimizer, scheduler = accelerator.prepare(denoiser, optimizer, scheduler)
+        if encoders:
+            accelerator.register_for_checkpointing(TrainableState(encoders))
+        return model, optimizer, scheduler, None
+    savers = sharded_savers(models, args)
+    prepared = accelerator.prepare(denoiser, *encoders, optimizer, scheduler)
+    return prepared[0], prepared[-2], prepared[-1], savers
+
+
+def is_sharded(accelerator) -> bool:
+    """Whether accelerate shards the denoiser (FSDP); only FSDP2 (``fsdp_version: 2``) is supported."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return False
+    if not accelerator.is_fsdp2:
+        raise DreamBoothError("FSDP version 1 is not supported: set fsdp_version: 2 in the accelerate config "
+                              "(the adapters' tensors are gathered from FSDP2's DTensors).")
+    return True
 
 
 def native_resolution(pipe, denoiser) -> int:
@@ -305,7 +333,7 @@ def micro_step(t: Training, args, gen: torch.Generator) -> tuple[torch.Tensor, f
 def sync_text_encoder_grads(t: Training) -> None:
     """Average the text encoders' adapter gradients over processes (they are not wrapped for data parallelism:
     the pipeline calls them directly)."""
-    if t.accelerator.num_processes == 1:
+    if t.accelerator.num_processes == 1 or t.savers:  # FSDP reduces the gradients of what it prepared
         return
     for model in t.text_encoders:
         for p in model.parameters():
@@ -376,12 +404,13 @@ def validate(t: Training, args, step: int) -> str:
     """A row of ``num_validation_images`` samples of the validation prompt (seeds 0..n-1), saved as PNG (and to
     tensorboard)."""
     path = Path(args.output_dir) / "validation" / f"step-{step:06d}.png"
-    if t.accelerator.is_main_process:
+    if t.accelerator.is_main_process or t.savers:  # a sharded denoiser runs on every rank together
         set_training(t, False)
         with t.accelerator.autocast():
             images = generate(t.pipe, args.validation_prompt, list(range(args.num_validation_images)), args,
                               **t.family.call_kwargs(args))
         set_training(t, True)
+    if t.accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_png(image_grid([images]), path)
         for tracker in t.accelerator.trackers:
@@ -403,10 +432,12 @@ def finish(t: Training, args, state: dict) -> dict:
     )
     if "resumes" in state:
         metrics["resumes"] = state["resumes"]
+    output_dir = Path(args.output_dir)
+    models = dict(t.models, **{next(iter(t.models)): t.accelerator.unwrap_model(t.model)})
+    written = {role: saver.save(t.models[role], adapter_path(output_dir, role))  # a collective: every rank
+               for role, saver in (t.savers or {}).items()}
     if t.accelerator.is_main_process:
-        output_dir = Path(args.output_dir)
-        models = dict(t.models, **{next(iter(t.models)): t.accelerator.unwrap_model(t.model)})
-        metrics.update(save_outputs(t.pipe, models, t.family, args))
+        metrics.update(save_outputs(t.pipe, models, t.family, args, written))
         write_json(output_dir / "metrics.json", dict(metrics, history=state["history"]))
         write_csv(output_dir / "metrics.csv", state["history"])
     t.accelerator.wait_for_everyone()
