@@ -180,11 +180,11 @@ def vae_dtype(vae, weight_dtype: torch.dtype) -> torch.dtype:
     return weight_dtype
 
 
-def cast_frozen(pipe, weight_dtype: torch.dtype, trained: list[str]) -> dict[str, str]:
+def cast_frozen(pipe, weight_dtype: torch.dtype) -> dict[str, str]:
     """Under mixed precision, the frozen weights in half precision (diffusers' trainers do the same): the VAE by
-    :func:`vae_dtype`, the text encoders and the denoiser in ``weight_dtype``. Adapters are injected afterwards and
-    keep fp32 parameters (their subspace comes from the half-precision weights the model then runs with). Returns
-    each component's dtype, for metrics.json."""
+    :func:`vae_dtype`, the text encoders and the denoiser in ``weight_dtype``, trained or not. Adapters are injected
+    afterwards and keep fp32 parameters (their subspace comes from the half-precision weights the model then runs
+    with). Returns each component's dtype, for metrics.json."""
     dtypes = {}
     for name, module in pipe.components.items():
         if not isinstance(module, torch.nn.Module):

@@ -42,8 +42,8 @@ def adamw_8bit(device: torch.device):
     try:
         import bitsandbytes as bnb
     except ImportError as error:
-        raise DreamBoothError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or leave the flag out)."
-                              ) from error
+        raise DreamBoothError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (psoft-vision[quant]), "
+                              "or leave the flag out.") from error
     probe = torch.nn.Parameter(torch.zeros(4096, device=device))
     probe.grad = torch.ones_like(probe)
     try:

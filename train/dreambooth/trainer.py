@@ -153,7 +153,7 @@ def prepare_models(pipe, family, args, accelerator) -> tuple[dict, dict]:
     (Quantizing the frozen denoiser belongs here too, before the adapters.)"""
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
     models = trained_models(pipe, family, args)
-    dtypes = cast_frozen(pipe, weight_dtype, list(models)) if weight_dtype != torch.float32 else {}
+    dtypes = cast_frozen(pipe, weight_dtype) if weight_dtype != torch.float32 else {}
     apply_method(models, args)
     for model in models.values():
         for p in model.parameters():
