@@ -72,6 +72,18 @@ def through_the_weight(apply):
     return forced
 
 
+def compiled(apply):
+    """``apply``, then ``torch.compile``: on a GPU, fusing the many small kernels of the adapters' transforms."""
+
+    def compile_after(model, spec):
+        import torch
+
+        model, merge = apply(model, spec)
+        return torch.compile(model), merge
+
+    return compile_after
+
+
 #: Named settings of our methods worth measuring on their own.
 VARIANTS = {"psoft-neumann": ours("psoft", neumann_terms=4), "psoft-weight-path": through_the_weight(ours("psoft")),
             "qpsoft": on_quantized_base(ours("psoft")), "qoft": on_quantized_base(ours("oft"))}
@@ -82,6 +94,8 @@ PEFT = {
     "peft-psoft": _peft(lambda peft, spec: peft.PsoftConfig(r=spec["sizes"]["rank"])),
 }
 PEFT["peft-qlora"] = on_quantized_base(PEFT["peft-lora"])  # QLoRA: LoRA on the same NF4 base
+PEFT["peft-lora-compiled"] = compiled(PEFT["peft-lora"])
+VARIANTS["psoft-compiled"] = compiled(ours("psoft"))
 
 
 def methods() -> dict:

@@ -39,7 +39,7 @@ from .diffusers import denoiser
 from .errors import AdapterNameError, ConfigError, LoRAExportError, NotLowRankError
 from .files import atomic_write
 from .layer import AdaptedLayer
-from .lifecycle import adapted_layers, adapter_names, one_adapter_name
+from .lifecycle import adapted_layers, adapter_names, one_adapter_name, uncompiled
 from .targets import candidate_modules
 
 FORMATS = ("diffusers", "peft", "kohya")
@@ -194,6 +194,7 @@ def _resolve(model, prefix: str | None) -> tuple[nn.Module, str]:
     if not isinstance(model, nn.Module):
         model, attribute = denoiser(model)
         return model, prefix or attribute
+    model = uncompiled(model)
     if prefix:
         return model, prefix
     if kohya.is_clip_text(model):

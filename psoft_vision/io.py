@@ -26,7 +26,7 @@ from .fingerprint import fingerprint, mismatch
 from .identify import describe_foreign
 from .inject import inject
 from .layer import AdaptedLayer
-from .lifecycle import _unmerged, adapted_layers, one_adapter_name, remove, set_strength
+from .lifecycle import _unmerged, adapted_layers, one_adapter_name, remove, set_strength, uncompiled
 from .registry import get_method
 
 FORMAT = "psoft_vision.adapter"
@@ -67,6 +67,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     """
     from . import __version__
 
+    model = uncompiled(model)
     name = one_adapter_name(model, name)
     path = Path(path)
     tensors, layers, fingerprints = {}, {}, {}
@@ -182,6 +183,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     header, tensors = read_adapter(path)
     name = name or header["name"]
     layers = header["layers"]
+    compiled, model = model, uncompiled(model)
     module_names = {n for n, _ in model.named_modules()}
     missing = [n for n in layers if n not in module_names]
     if missing:
@@ -201,7 +203,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
             for p, flag in trainable.items():
                 p.requires_grad_(flag)
             raise
-    return model
+    return compiled  # the model as passed: the compiled wrapper when it was one
 
 
 def _config_for_layers(header: dict, path) -> object:

@@ -14,6 +14,13 @@ from .layer import AdaptedLayer
 REQUIRES_GRAD = "_psoft_vision_requires_grad"
 
 
+def uncompiled(model):
+    """The module ``torch.compile(module)`` wraps, or ``model`` itself: adapter files and exports name layers as the
+    model defines them, not with the wrapper's ``_orig_mod.`` prefix."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(model, nn.Module) and isinstance(inner, nn.Module) else model
+
+
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
     """``(name, layer)`` for every adapted layer of ``model``."""
     for name, module in model.named_modules():

@@ -206,3 +206,18 @@ def test_failed_load_keeps_merged_adapters_merged(trained, tmp_path, x):
     assert pv.adapter_names(model) == ["resident"]
     assert model.blocks[0].attn.qkv.merged == ["resident"]
     assert torch.equal(model(x), out)
+
+
+def test_a_compiled_model_saves_loads_and_exports_under_its_own_layer_names(tmp_path, x):
+    model = vit()
+    pv.inject(model, pv.PSOFTConfig(rank=4))
+    randomize_adapters(model)
+    compiled = torch.compile(model)  # nothing is compiled until a forward: the names are what is tested
+    header, _ = pv.read_adapter(pv.save_adapter(compiled, tmp_path / "a.safetensors"))
+    assert list(header["layers"])[0] == "blocks.0.attn.qkv"
+    fresh = torch.compile(vit())
+    assert pv.load_adapter(fresh, tmp_path / "a.safetensors") is fresh
+    assert len(list(pv.adapted_layers(fresh))) == len(header["layers"])
+    lora = pv.export_lora(compiled, tmp_path / "lora", format="peft")
+    config = json.loads((lora / "adapter_config.json").read_text())
+    assert not any("_orig_mod" in name for name in config["target_modules"])
