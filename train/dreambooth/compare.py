@@ -1,6 +1,6 @@
 """Ours PSOFT, ours OFTv2 and PEFT LoRA r=4 on several DreamBooth subjects and seeds, with the same data and steps.
 
-    python -m train.dreambooth.compare --out runs/dreambooth-compare --doc docs/dreambooth_offline.md
+    python -m train.dreambooth.compare --out runs/dreambooth-compare --doc docs/dreambooth_offline.md --jobs 2
     python -m train.dreambooth.compare --subjects coffee --seeds 0 --ship    # the default run only, then ship it
 
 Each run trains in its own process (``python -m train.dreambooth`` with its defaults and the subject's prompts, so
@@ -15,6 +15,7 @@ standard deviation over seeds per subject and over subjects (``--doc``; the hand
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -38,12 +39,14 @@ COSTS = (("trainable", "trainable"), ("train_s", "train s"), ("peak_mib", "peak 
 PROSE = "## What the samples show"
 
 
-def train(method: str, folder: Path, class_dir: Path, extra: list[str]) -> dict:
-    """One run of ``python -m train.dreambooth`` in its own process; returns its metrics.json plus the wall time."""
+def train(method: str, folder: Path, class_dir: Path, extra: list[str], threads: int | None = None) -> dict:
+    """One run of ``python -m train.dreambooth`` in its own process (with ``threads`` intra-op threads, else
+    torch's default); returns its metrics.json plus the wall time."""
     command = [sys.executable, "-m", "train.dreambooth", "--method", method, "--output_dir", str(folder),
                "--class_data_dir", str(class_dir), "--quiet", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
     start = time.perf_counter()
-    subprocess.run(command, check=True)
+    subprocess.run(command, check=True, env=env)
     metrics = json.loads((folder / "metrics.json").read_text())
     metrics["wall_s"] = round(time.perf_counter() - start, 1)
     return metrics
@@ -53,20 +56,30 @@ def run_folder(out: Path, subject: str, seed: int, method: str) -> Path:
     return out / subject / f"seed{seed}" / method
 
 
+def train_one(args, name: str, seed: int, method: str) -> dict:
+    run = run_folder(args.out, name, seed, method)
+    if args.reuse and (run / "metrics.json").is_file():
+        return json.loads((run / "metrics.json").read_text())
+    subject, folder = SUBJECTS[name], subject_folder(name, args.out / "subjects")
+    extra = ["--instance_data_dir", str(folder / "train"), "--instance_prompt", subject.instance_prompt,
+             "--class_prompt", subject.class_prompt, "--seed", str(seed), *args.extra]
+    return train(method, run, args.out / name / "class_images", extra, threads=1 if args.jobs > 1 else None)
+
+
 def train_all(args) -> dict[tuple[str, int, str], dict]:
-    """Every (subject, seed, method) run, seed 0 of a subject first (it generates the shared class images)."""
+    """Every (subject, seed, method) run, ``--jobs`` at a time (one thread each when more than one). Each subject's
+    seed-0 PSOFT run goes first, alone for its subject: it generates the class images the others share."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for name in args.subjects:  # written once, before any run reads them
+        subject_folder(name, args.out / "subjects")
+    first = [(name, min(args.seeds), RUNS[0][0]) for name in args.subjects]
+    rest = [(name, seed, method) for seed in sorted(args.seeds) for name in args.subjects for method, _ in RUNS
+            if (name, seed, method) not in first]
     trained = {}
-    for name in args.subjects:
-        subject, folder = SUBJECTS[name], subject_folder(name, args.out / "subjects")
-        prompts = ["--instance_data_dir", str(folder / "train"), "--instance_prompt", subject.instance_prompt,
-                   "--class_prompt", subject.class_prompt]
-        for seed in sorted(args.seeds):
-            for method, _ in RUNS:
-                run = run_folder(args.out, name, seed, method)
-                done = run / "metrics.json"
-                trained[name, seed, method] = (
-                    json.loads(done.read_text()) if args.reuse and done.is_file() else
-                    train(method, run, args.out / name / "class_images", [*prompts, "--seed", str(seed), *args.extra]))
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for jobs in (first, rest):
+            trained.update(zip(jobs, pool.map(lambda job: train_one(args, *job), jobs), strict=True))
     return trained
 
 
@@ -157,6 +170,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--ship", action="store_true",
                         help="copy the default run's PSOFT adapter and LoRA into assets/")
     parser.add_argument("--reuse", action="store_true", help="skip runs whose metrics.json exists")
+    parser.add_argument("--jobs", type=int, default=1, help="trainings at once, one thread each when more than one")
     parser.add_argument("--num_samples", type=int, default=8)
     parser.add_argument("extra", nargs="*", help="more train.dreambooth arguments (after --), for every run")
     args = parser.parse_args(argv)
@@ -214,7 +228,7 @@ Fashion-MNIST, [model card](../assets/tiny-t2i/MODEL_CARD.md)); subjects from re
 (2 cores), fp32.
 
 ```bash
-python -m train.dreambooth.compare --out runs/dreambooth-compare --doc docs/dreambooth_offline.md
+python -m train.dreambooth.compare --out runs/dreambooth-compare --doc docs/dreambooth_offline.md --jobs 2
 ```
 
 Every cell is the mean ± standard deviation over the {len(seeds)} training seeds (sample std); the base model has
