@@ -1,22 +1,11 @@
 import pytest
 import torch
 
-import psoft_vision as pv
+from bench.zoo import randomize_adapters  # noqa: F401  one helper for the tests and the zoo sweep
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).norm() / expected.norm()).item()
-
-
-def randomize_adapters(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> None:
-    """Non-zero adapter parameters: q ~ N(0, std), scalings ~ 1 + N(0, std)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in pv.adapted_layers(model):
-            for adapter in layer.adapters.values():
-                for name, p in adapter.named_parameters():
-                    noise = torch.randn(p.shape, generator=gen) * std
-                    p.copy_(noise if name == "q" else 1 + noise)
 
 
 @torch.no_grad()
