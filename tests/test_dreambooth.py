@@ -444,3 +444,35 @@ def test_lora_export_from_a_written_adapter_file_equals_the_direct_export(pipe_d
         with safe_open(direct / "lora" / name, "pt") as a, safe_open(tmp_path / "from-file" / "lora" / name, "pt") as b:
             keys = set(a.keys())
             assert keys == set(b.keys()) and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in keys)
+
+
+@pytest.mark.parametrize("method", ["psoft", "lora"])
+def test_quantize_trains_on_an_nf4_unet_resumes_exactly_and_records_it(method, pipe_dir, subject_dir, class_dir,
+                                                                         tmp_path):
+    """--quantize nf4: QPSOFT (and QLoRA with --method lora) on the UNet's linears in bitsandbytes NF4; the class
+    images come from the unquantized pipeline, before the base is quantized."""
+    pytest.importorskip("bitsandbytes")
+    args = ("--method", method, "--quantize", "nf4", "--max_train_steps", 2, "--checkpointing_steps", 1,
+            "--validation_steps", 2, "--lr_warmup_steps", 1)
+    whole = dreambooth.main(cli(pipe_dir, subject_dir, class_dir, tmp_path / "whole", *args))
+    assert whole["finished"] and whole["args"]["quantize"] == "nf4"
+    dreambooth.main(cli(pipe_dir, subject_dir, class_dir, tmp_path / "cut", *args, "--stop_after_steps", 1))
+    dreambooth.main(cli(pipe_dir, subject_dir, class_dir, tmp_path / "cut", *args,
+                        "--resume_from_checkpoint", "latest"))
+    losses = [[r["loss"] for r in json.loads((tmp_path / f / "metrics.json").read_text())["history"]]
+              for f in ("whole", "cut")]
+    assert losses[0] == losses[1] and all(math.isfinite(x) for x in losses[0])
+    assert (tmp_path / "whole" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    if method == "lora":
+        return
+    header, tensors = pv.read_adapter(tmp_path / "whole" / "adapter.safetensors")
+    _, resumed = pv.read_adapter(tmp_path / "cut" / "adapter.safetensors")
+    assert tensors.keys() == resumed.keys() and all(torch.equal(tensors[k], resumed[k]) for k in tensors)
+    kinds = {(len(layer["weight_shape"]), layer["quantization"]) for layer in header["layers"].values()}
+    assert kinds == {(2, "bnb-nf4"), (4, None)}  # the linears quantized; the 1x1 conv proj_in / proj_out are not
+    unet = pv.quantize_base(load(pipe_dir).unet, "nf4")  # the file loads onto the base it trained on, and moves it
+    before = unet_out(unet)
+    pv.load_adapter(unet, tmp_path / "whole" / "adapter.safetensors")
+    assert rel_err(unet_out(unet), before) > 1e-6
+    with pytest.raises(pv.BaseModelMismatchError):  # not onto the floating-point UNet
+        pv.load_adapter(load(pipe_dir).unet, tmp_path / "whole" / "adapter.safetensors")

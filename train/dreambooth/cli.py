@@ -112,6 +112,9 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block_size", type=int, default=8, help="OFTv2 block size")
     g.add_argument("--block_size_pattern", help="OFTv2 block sizes per module type or module, as --rank_pattern")
     g.add_argument("--lora_rank", type=int, default=4, help="PEFT LoRA rank (alpha = rank)")
+    g.add_argument("--quantize", choices=tuple(pv.quantized.SCHEMES),
+                   help="quantize the denoiser's linear layers before the adapters (QPSOFT / QOFT; with --method "
+                        "lora, QLoRA): psoft_vision.quantize_base, bitsandbytes or torchao (the quant extra)")
     g.add_argument("--targets", default="auto", choices=["auto", *sorted(pv.PRESETS)],
                    help="the denoiser's target preset (auto: the diffusers preset)")
     g.add_argument("--train_text_encoder", action="store_true",

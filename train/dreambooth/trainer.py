@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+import psoft_vision as pv
 from psoft_vision.memory import peak_memory_mib, reset_peak_memory
 
 from ..common.checkpoint import find_checkpoint, is_checkpoint, load_checkpoint, write_checkpoint
@@ -148,12 +149,17 @@ def _quiet_libraries() -> None:
 
 
 def prepare_models(pipe, family, args, accelerator) -> tuple[dict, dict]:
-    """Frozen weights in their training dtype, adapters injected (after the cast: their subspaces come from the
-    weights the model runs with), gradient checkpointing; returns the adapted models and the components' dtypes.
-    (Quantizing the frozen denoiser belongs here too, before the adapters.)"""
+    """Frozen weights in their training dtype, the denoiser's linears quantized (--quantize), adapters injected
+    (after both: their subspaces come from the weights the model runs with), gradient checkpointing; returns the
+    adapted models and the components' dtypes."""
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
     models = trained_models(pipe, family, args)
     dtypes = cast_frozen(pipe, weight_dtype) if weight_dtype != torch.float32 else {}
+    if args.quantize:
+        if is_sharded(accelerator):
+            raise DreamBoothError(f"--quantize {args.quantize} under FSDP is not supported (FSDP2 cannot shard "
+                                  "bitsandbytes' packed weights here); leave out --quantize or FSDP.")
+        pv.quantize_base(next(iter(models.values())), args.quantize)
     apply_method(models, args)
     for model in models.values():
         for p in model.parameters():
