@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import psoft_vision as pv
 from train.offline import data as offline_data
+from train.vtab import combine as vtab_combine
 from train.vtab import suite as vtab_suite
 from train.vtab import trainer as vtab
 from train.vtab.data import Preprocess, folder_splits
@@ -144,6 +145,14 @@ def test_suite_runs_every_method_writes_reports_and_skips_finished_runs(tmp_path
     assert (tmp_path / "count" / "psoft-seed0" / "metrics.json").stat().st_mtime_ns == stamp
     with pytest.raises(vtab_suite.StaleRunError, match="epochs"):
         vtab_suite.main(argv[:-1] + ["--epochs 2"])
+
+    # the same folder twice under two labels: each row is the suite's own, renamed
+    table = vtab_combine.main([f"{tmp_path}=fp32 base", f"{tmp_path}=again", "--tasks", "count",
+                               "--chart", str(tmp_path / "combined.png")])
+    ours = next(line for line in summary.splitlines() if line.startswith("| ours PSOFT |"))
+    for suffix in ("fp32 base", "again"):
+        assert ours.replace("| ours PSOFT |", f"| ours PSOFT, {suffix} |") in table
+    assert (tmp_path / "combined.png").stat().st_size > 10_000
 
 
 def test_two_processes_agree_with_each_other_and_with_one(tmp_path):

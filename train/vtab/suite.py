@@ -34,8 +34,8 @@ LR_GRID = {
     "linear": ("--head-lr", (5e-3, 2e-2, 5e-2, 1e-1)),
 }
 #: The baselines' names in tables and charts; a registered method is "ours <its display name>".
-LABELS = {"lora": "PEFT LoRA r=8", "peft-oft": "PEFT OFT", "peft-psoft": "PEFT PSOFT", "full": "full fine-tuning",
-          "linear": "linear probing"}
+LABELS = {"lora": "PEFT LoRA r=8", "qlora": "PEFT QLoRA r=8", "peft-oft": "PEFT OFT", "peft-psoft": "PEFT PSOFT",
+          "full": "full fine-tuning", "linear": "linear probing"}
 GROUPS = ("natural", "specialized", "structured")
 
 
@@ -150,13 +150,14 @@ def aggregate(results: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda row: order.get(row["method"], len(order)))
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], name=label) -> str:
+    """The table of :func:`aggregate`'s rows; ``name`` turns a row's method into its first cell."""
     tasks = [t for t in TASKS if any(t in r["task_mean"] for r in rows)]
     groups = [g for g in GROUPS if any(g in r["groups"] for r in rows)]
     header = ["method", "trainable", *tasks, *groups, "score"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = [label(r["method"]), f"{r['trainable']:,}"]
+        cells = [name(r["method"]), f"{r['trainable']:,}"]
         cells += [f"{r['task_mean'][t]:.1f} ± {r['task_std'][t]:.1f}" if t in r["task_mean"] else "" for t in tasks]
         cells += [f"{r['groups'][g]:.1f}" if g in r["groups"] else "" for g in groups]
         cells.append(f"**{r['score']:.1f} ± {r['score_std']:.1f}**")
