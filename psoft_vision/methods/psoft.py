@@ -88,15 +88,25 @@ def _slices(length: int) -> list[slice]:
     return [slice(start, start + step) for start in range(0, length, step)]
 
 
+def _gram(parts) -> torch.Tensor:
+    """``sum p^T p`` over the fp32 slices ``parts``, accumulated in place in fp64 (one fp64 slice at a time)."""
+    gram = None
+    for part in parts:
+        part = part.double()
+        gram = part.T @ part if gram is None else gram.addmm_(part.T, part)
+    return gram
+
+
 def _top_singular(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(V_r^T, U_r S_r)`` of ``w`` in fp64 from the eigenvectors of its smaller Gram matrix (eigh sorts
-    ascending). ``w`` is read in fp64 slices, never copied whole: besides the weight itself, the peak is the Gram
-    matrix and one slice, which keeps a large (or a just dequantized) layer near one copy of its own size."""
+    ascending). ``w`` is read in fp64 slices, never copied whole: besides the weight itself, the peak is the fp64
+    Gram matrix of the smaller side with eigh's eigenvectors and workspace, and one slice (tests/test_quantized.py
+    measures it for a dequantized layer)."""
     rows, columns = _slices(w.shape[0]), _slices(w.shape[1])
     if w.shape[0] >= w.shape[1]:
-        v = torch.linalg.eigh(sum(w[s].double().T @ w[s].double() for s in rows)).eigenvectors[:, -rank:].flip(-1)
+        v = torch.linalg.eigh(_gram(w[s] for s in rows)).eigenvectors[:, -rank:].flip(-1)
         return v.T, torch.cat([w[s].double() @ v for s in rows])
-    values, u = torch.linalg.eigh(sum(w[:, s].double() @ w[:, s].double().T for s in columns))
+    values, u = torch.linalg.eigh(_gram(w[:, s].T for s in columns))
     u, s = u[:, -rank:].flip(-1), values[-rank:].flip(-1).clamp_min(0).sqrt()
     if s[-1] <= 1e-6 * s[0]:  # V = W^T U / S breaks down on (numerically) zero singular values
         u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
