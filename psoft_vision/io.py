@@ -47,12 +47,22 @@ def _config_dict(config) -> dict:
     return out
 
 
-def _adapter_tensors(layer_name: str, adapter, include_bases: bool, anchors: bool) -> dict[str, torch.Tensor]:
-    tensors = {f"{layer_name}.{key}": p.detach() for key, p in adapter.named_parameters()}
-    if include_bases:
-        tensors.update({f"{layer_name}.{key}": b.detach() for key, b in adapter.named_buffers()})
-    elif anchors:
-        tensors.update({f"{layer_name}.anchor.{key}": t.detach() for key, t in adapter.anchors().items()})
+def _file_tensors(model: nn.Module, name: str, train_modules, include_bases: bool,
+                  anchors: bool) -> dict[str, torch.Tensor]:
+    """Every tensor an adapter file holds, by key (see the module docstring): detached views of the model's own
+    tensors, which loading copies into, and the anchors, which the adapters compute."""
+    tensors = {}
+    for layer_name, layer in adapted_layers(model):
+        if name in layer.adapters:
+            adapter = layer.adapters[name]
+            tensors.update({f"{layer_name}.{key}": p.detach() for key, p in adapter.named_parameters()})
+            if include_bases:
+                tensors.update({f"{layer_name}.{key}": b.detach() for key, b in adapter.named_buffers()})
+            elif anchors:
+                tensors.update({f"{layer_name}.anchor.{key}": t.detach() for key, t in adapter.anchors().items()})
+    for module_name in train_modules:
+        tensors.update({f"train_modules.{module_name}.{key}": p.detach()
+                        for key, p in model.get_submodule(module_name).named_parameters()})
     return tensors
 
 
@@ -70,17 +80,14 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     model = uncompiled(model)
     name = one_adapter_name(model, name)
     path = Path(path)
-    tensors, layers, fingerprints = {}, {}, {}
+    layers, fingerprints = {}, {}
     for layer_name, layer in adapted_layers(model):
         if name in layer.adapters:
             adapter = layer.adapters[name]
             layers[layer_name] = adapter.describe()
             fingerprints[layer_name] = fingerprint(layer.pretrained_weight)
-            tensors.update(_adapter_tensors(layer_name, adapter, include_bases, anchors))
     config, strength = adapter.config, adapter.strength
-    for module_name in config.train_modules:
-        for key, p in model.get_submodule(module_name).named_parameters():
-            tensors[f"train_modules.{module_name}.{key}"] = p.detach()
+    tensors = _file_tensors(model, name, config.train_modules, include_bases, anchors)
     _warn_non_finite(tensors, "saving")
     header = {
         "format_version": FORMAT_VERSION, "method": config.method, "name": name, "config": _config_dict(config),
@@ -231,19 +238,8 @@ def _config_for_layers(header: dict, path) -> object:
 def _expected(model: nn.Module, name: str, header: dict) -> dict[str, torch.Tensor]:
     """Every tensor the file must hold, by key, with the tensor it loads into (for an anchor: the anchor the
     adapter computes from the present base, which only gives the shape)."""
-    expected = {}
-    for layer_name, layer in adapted_layers(model):
-        if name in layer.adapters:
-            adapter = layer.adapters[name]
-            expected.update({f"{layer_name}.{k}": p for k, p in adapter.named_parameters()})
-            if header["include_bases"]:
-                expected.update({f"{layer_name}.{k}": b for k, b in adapter.named_buffers()})
-            elif header.get("anchors"):
-                expected.update({f"{layer_name}.anchor.{k}": t for k, t in adapter.anchors().items()})
-    for module_name in header["config"]["train_modules"]:
-        expected.update({f"train_modules.{module_name}.{k}": p
-                         for k, p in model.get_submodule(module_name).named_parameters()})
-    return expected
+    return _file_tensors(model, name, header["config"]["train_modules"], header["include_bases"],
+                         header.get("anchors"))
 
 
 def _load_tensors(model, name, header, tensors, path) -> None:
