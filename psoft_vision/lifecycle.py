@@ -64,17 +64,17 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
     """
     if name is not None:
         _check_names(model, [name])
-    layers = [layer for _, layer in adapted_layers(model) if name is None or name in layer.active]
-    quantized = [n for n, layer in adapted_layers(model) if layer in layers and layer.kind.quantized]
+    layers = {n: layer for n, layer in adapted_layers(model) if name is None or name in layer.active}
+    quantized = {n: layer.kind.quantized for n, layer in layers.items() if layer.kind.quantized}
     if quantized:
-        kinds = sorted({model.get_submodule(n).kind.quantized for n in quantized})
+        first, kinds = next(iter(quantized)), sorted(set(quantized.values()))
         raise MergeError(
-            f"{len(quantized)} adapted layers have quantized bases ({', '.join(kinds)}; first: {quantized[0]!r}): "
+            f"{len(quantized)} adapted layers have quantized bases ({', '.join(kinds)}; first: {first!r}): "
             "merging would have to re-quantize the adapted weight and lose what the adapter learned below the "
             "quantization step. Keep the adapters unmerged, export them with psoft_vision.export_lora and load the "
             "LoRA onto the quantized base, or load the adapter file onto a floating copy of the base and merge there."
         )
-    for layer in layers:
+    for layer in layers.values():
         layer.merge(upto=name)
     return model
 
