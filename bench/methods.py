@@ -86,7 +86,8 @@ def compiled(apply):
 
 #: Named settings of our methods worth measuring on their own.
 VARIANTS = {"psoft-neumann": ours("psoft", neumann_terms=4), "psoft-weight-path": through_the_weight(ours("psoft")),
-            "qpsoft": on_quantized_base(ours("psoft")), "qoft": on_quantized_base(ours("oft"))}
+            "qpsoft": on_quantized_base(ours("psoft")), "qoft": on_quantized_base(ours("oft")),
+            "psoft-compiled": compiled(ours("psoft"))}
 PEFT = {
     "peft-lora": _peft(lambda peft, spec: peft.LoraConfig(r=spec["lora_rank"], lora_alpha=2 * spec["lora_rank"])),
     "peft-oft": _peft(lambda peft, spec: peft.OFTConfig(r=0, oft_block_size=spec["sizes"]["block_size"])),
@@ -95,7 +96,6 @@ PEFT = {
 }
 PEFT["peft-qlora"] = on_quantized_base(PEFT["peft-lora"])  # QLoRA: LoRA on the same NF4 base
 PEFT["peft-lora-compiled"] = compiled(PEFT["peft-lora"])
-VARIANTS["psoft-compiled"] = compiled(ours("psoft"))
 
 
 def methods() -> dict:
