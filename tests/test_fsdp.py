@@ -143,3 +143,10 @@ def test_sharding_needs_adapters_first():
 
 if __name__ == "__main__":
     worker(Path(sys.argv[1]))
+    # Leave without the interpreter's teardown: gloo's threads outlive destroy_process_group (torch 2.14, after
+    # fully_shard), and destroying them with the process's static objects aborts in C++ now and then ("terminate
+    # called without an active exception": 3 runs in 40 on a busy CPU, every file already written). The results are
+    # on disk and checked by the test; the exit status must only say whether the worker got there.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
