@@ -13,14 +13,30 @@ An adapter is a transform of one frozen layer's weight, ``W -> T(W)``. It is bui
 - ``anchors()`` / ``realign(anchors, saved, weight)``: small tensors an adapter file keeps, and their use when the
   file is loaded onto a copy of the base in another precision, so that the adapter rebuilds what it was trained
   with (an adapter that derives nothing from the weight needs neither);
-- ``config``: the config it was built from, and ``strength``: 0 is the identity exactly, 1 the trained transform.
+- ``config``: the config it was built from, and ``strength``: 0 is the identity exactly, 1 the trained transform;
+- optionally ``batch_key()`` and ``build_batch(adapters)``: adapters with equal keys have their transforms built
+  together, once per training forward (:mod:`psoft_vision.batching`); ``built(compute)`` gives an adapter its part,
+  or ``compute()`` where it cannot have one.
 
 Every adapter is the identity when it is created and at strength 0. What else holds (orthogonality, kept norms) is
 the method's own promise, stated in its module.
 """
 
+import weakref
+
 import torch
 from torch import nn
+
+#: adapter -> (its state key when handed, its part of a batch, the forward it was built for); see ``receive``
+_HANDED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+#: adapter -> the forward whose part it last took outside a backward pass
+_TAKEN: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
+
+
+def tracing() -> bool:
+    """Under torch.compile, torch.export or fx tracing: the traced graph must compute everything from the
+    parameters, never read a tensor kept from an earlier call."""
+    return torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
 
 
 class Adapter(nn.Module):
@@ -55,19 +71,57 @@ class Adapter(nn.Module):
         """Called by ``load_adapter`` with the file's anchors, this layer's ``describe()`` as saved and the base's
         pretrained weight."""
 
+    def state_key(self) -> tuple:
+        """Everything a transform computed from this adapter depends on: the strength, and each parameter's and
+        buffer's storage, in-place version, dtype and device."""
+        tensors = [*self.parameters(), *self.buffers()]
+        return (self.strength, *((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors))
+
     def cached(self, compute):
         """``compute()``, kept between calls while gradients are off and nothing it reads has changed: an eval-mode
-        forward then costs no solve. Parameters' in-place updates, moves and the strength all invalidate it. Not
-        while torch.compile traces: its graph holds the computation, and the key's data pointers would break it."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        forward then costs no solve. Parameters' in-place updates, moves, casts, the strength and the autocast state
+        all invalidate it. Not while tracing: the traced graph holds the computation."""
+        if torch.is_grad_enabled() or tracing():
             self._cache = None
             return compute()
-        tensors = [*self.parameters(), *self.buffers()]
-        key = (self.strength, *((t.data_ptr(), t._version) for t in tensors))
+        key = self.state_key()
+        if key:
+            device = key[-1][-1].type
+            key += (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device),)
         cache = getattr(self, "_cache", None)
         if cache is None or cache[0] != key:
             cache = self._cache = (key, compute())
         return cache[1]
+
+    def batch_key(self):
+        """Adapters with equal keys (not None) can have their transforms built by one ``build_batch`` call."""
+        return None
+
+    @classmethod
+    def build_batch(cls, adapters: list["Adapter"]) -> list[torch.Tensor]:
+        """What ``built`` computes for each of ``adapters`` (equal batch keys), computed together."""
+        raise NotImplementedError
+
+    def receive(self, part: torch.Tensor, forward) -> None:
+        """Hand this adapter its part of a batch built for ``forward`` (an object whose ``running`` says whether that
+        forward is under way); see :mod:`psoft_vision.batching` for when ``built`` takes it."""
+        _HANDED[self] = (self.state_key(), part, forward)
+
+    def built(self, compute):
+        """This adapter's transform: its part of the batch built for the forward under way where that is exactly
+        what ``compute()`` gives, else ``compute()`` (cached while gradients are off)."""
+        if tracing() or not torch.is_grad_enabled():
+            return self.cached(compute)
+        handed = _HANDED.get(self)
+        if handed is None or handed[0] != self.state_key():
+            return compute()
+        _, part, forward = handed
+        if torch._C._current_graph_task_id() != -1:  # recomputed in a backward pass: do what the forward did
+            return part if _TAKEN.get(self) is forward else compute()
+        if not forward.running:
+            return compute()
+        _TAKEN[self] = forward
+        return part
 
     def at_strength(self, p: torch.Tensor, neutral: float) -> torch.Tensor:
         """``p`` moved toward ``neutral`` (its value at the identity) by the strength:

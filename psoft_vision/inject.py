@@ -5,6 +5,7 @@ from collections import Counter, defaultdict
 
 from torch import nn
 
+from . import batching
 from .bases import base_of
 from .config import AdapterConfig
 from .errors import AdapterNameError, ConfigError, TargetNotFoundError, UnsupportedLayerError
@@ -72,6 +73,8 @@ def inject(model: nn.Module, config: AdapterConfig | None = None, name: str = "d
         module.add(name, adapter.train(module.training))  # an eval-mode model stays in eval mode: no dropout
     for module_name in trained:
         model.get_submodule(module_name).requires_grad_(True)
+    batching.refresh(model)
+    batching.attach(model)
     return model
 
 

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from . import batching
 from .errors import AdapterNameError, ConfigError, MergeError
 from .layer import AdaptedLayer
 
@@ -161,7 +162,9 @@ def remove(model: nn.Module, name: str | None = None) -> nn.Module:
             layer.active = [n for n in layer.active if n != name]
         if name is None or not layer.adapters:
             model.set_submodule(layer_name, layer.base)
+    batching.refresh(model)
     if not adapter_names(model):
+        batching.detach(model)
         flags = model.__dict__.pop(REQUIRES_GRAD, {})
         for param_name, p in model.named_parameters():
             p.requires_grad_(flags.get(param_name, p.requires_grad))

@@ -10,8 +10,9 @@ Truncating ``(I - Q)^{-1}`` after ``Q^K`` gives ``R_K = R (I - Q^{K+1})``, hence
     R_K^T R_K = I - 2 Q^{K+1} + Q^{2K+2}      for odd K,
 
 so an even K is both cheaper and far more orthogonal than the odd K above it. The series diverges for
-``||Q|| >= 1``; :func:`orthogonal_from_packed` uses the exact solve whenever ``||Q||_F`` reaches
-:data:`NEUMANN_MAX_NORM`.
+``||Q|| >= 1``; :func:`orthogonal_from_packed` uses the exact solve for a layer whenever the ``||Q||_F`` of one of its
+blocks reaches :data:`NEUMANN_MAX_NORM`. That choice is made on the device (both transforms are computed and one is
+kept), because a Python branch on the norm would wait for the device at every layer of every step.
 """
 
 from functools import cache
@@ -37,9 +38,22 @@ def _upper_flat_index(size: int, device: torch.device) -> torch.Tensor:
         return rows * size + cols
 
 
+@cache
+def _segment_index(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):
+        return torch.repeat_interleave(torch.arange(len(lengths), device=device),
+                                       torch.tensor(lengths, device=device))
+
+
+def stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Tensors concatenated along their first dimension, as the adapters of a batch stack their parameters (one
+    tensor as it is: a cat would copy it)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
 def skew_from_packed(q: torch.Tensor, size: int) -> torch.Tensor:
     """``(..., size(size-1)/2) -> (..., size, size)`` skew-symmetric matrices."""
-    upper = q.new_zeros(*q.shape[:-1], size * size)
+    upper = q.new_zeros(q.shape[:-1] + (size * size,))
     upper = upper.index_copy(-1, _upper_flat_index(size, q.device), q).unflatten(-1, (size, size))
     return upper - upper.mT
 
@@ -62,21 +76,27 @@ def cayley_neumann(skew: torch.Tensor, terms: int) -> torch.Tensor:
     return series + skew @ series
 
 
-def orthogonal_from_packed(q: torch.Tensor, size: int, neumann_terms: int | None = None) -> torch.Tensor:
+def _too_large(q: torch.Tensor, segments: tuple[int, ...] | None) -> torch.Tensor:
+    """Whether the Neumann series must give way to the exact solve: for ``q`` (n, packed), one flag for all n rows,
+    or with ``segments`` (row counts summing to n) a flag per segment, repeated over its rows, shape (n, 1, 1)."""
+    # ||Q||_F = sqrt(2) ||q||: checked on the packed vectors, one small reduction for all of them.
+    norms = q.detach().float().norm(dim=-1)
+    if segments is None:
+        return norms.max() * 2**0.5 >= NEUMANN_MAX_NORM
+    index = _segment_index(segments, q.device)
+    largest = norms.new_zeros(len(segments)).scatter_reduce(0, index, norms, "amax")
+    return (largest * 2**0.5 >= NEUMANN_MAX_NORM)[index][:, None, None]
+
+
+def orthogonal_from_packed(q: torch.Tensor, size: int, neumann_terms: int | None = None,
+                           segments: tuple[int, ...] | None = None) -> torch.Tensor:
     """Orthogonal ``(..., size, size)`` matrices in fp32 from packed parameters ``q``.
 
-    ``neumann_terms=None`` is the exact Cayley transform; an integer K uses the series up to ``Q^K`` while
-    every ``||Q||_F`` is below :data:`NEUMANN_MAX_NORM`, and the exact transform otherwise.
+    ``neumann_terms=None`` is the exact Cayley transform; an integer K uses the series up to ``Q^K`` while every
+    ``||Q||_F`` is below :data:`NEUMANN_MAX_NORM`, and the exact transform otherwise. Every row of ``q`` (n, packed)
+    falls back together, or with ``segments`` (the row counts of the layers stacked in ``q``) each layer's rows.
     """
     skew = skew_from_packed(q.float(), size)
     if neumann_terms is None:
         return cayley(skew)
-    # ||Q||_F = sqrt(2) ||q||: checked on the packed vector, one small reduction per layer and step.
-    too_large = (q.detach().float().norm(dim=-1) * 2**0.5 >= NEUMANN_MAX_NORM).any()
-    if torch.compiler.is_compiling():
-        # A Python branch on a tensor's value would break torch.compile's graph, and torch.cond's backward fails
-        # under AOTAutograd (torch 2.14): both transforms are computed and the one the norm picks is kept.
-        return torch.where(too_large, cayley(skew), cayley_neumann(skew, neumann_terms))
-    if bool(too_large):
-        return cayley(skew)
-    return cayley_neumann(skew, neumann_terms)
+    return torch.where(_too_large(q, segments), cayley(skew), cayley_neumann(skew, neumann_terms))

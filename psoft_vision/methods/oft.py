@@ -15,7 +15,7 @@ from ..adapter import Adapter
 from ..bases import Base
 from ..config import AdapterConfig, check_int, check_neumann_terms, check_pattern, pattern_match
 from ..errors import BlockSizeError, UnsupportedLayerError
-from ..orthogonal import orthogonal_from_packed, packed_size
+from ..orthogonal import orthogonal_from_packed, packed_size, stacked
 from ..registry import Method
 from ..targets import chosen_by_preset
 
@@ -95,8 +95,19 @@ class OFTAdapter(Adapter):
 
     def rotations(self) -> torch.Tensor:
         """The diagonal blocks of R, fp32, shape (blocks, b, b)."""
-        return self.cached(lambda: orthogonal_from_packed(self.at_strength(self.q, 0.0), self.block_size,
-                                                          self.neumann_terms))
+        return self.built(lambda: self.build_batch([self])[0])
+
+    def batch_key(self):
+        return (OFTAdapter, self.block_size, self.neumann_terms, self.q.device, self.q.dtype)
+
+    @classmethod
+    def build_batch(cls, adapters: list["OFTAdapter"]) -> list[torch.Tensor]:
+        """The rotations of every adapter from one batched Cayley(-Neumann) transform."""
+        q = stacked([a.at_strength(a.q, 0.0) for a in adapters])
+        blocks = [a.blocks for a in adapters]
+        rotations = orthogonal_from_packed(q, adapters[0].block_size, adapters[0].neumann_terms,
+                                           tuple(blocks) if len(adapters) > 1 else None)
+        return list(rotations.split(blocks))
 
     def forward(self, x: torch.Tensor, inner) -> torch.Tensor:
         r = self.rotations()

@@ -12,6 +12,7 @@ an r-wide path that is exactly zero at init (Q = 0, alpha = beta = 1). A Conv2d 
 
 import math
 from dataclasses import dataclass, field
+from itertools import groupby
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ from ..adapter import Adapter
 from ..bases import Base
 from ..config import AdapterConfig, check_int, check_neumann_terms, check_pattern, pattern_match
 from ..errors import ConfigError
-from ..orthogonal import orthogonal_from_packed, packed_size
+from ..orthogonal import orthogonal_from_packed, packed_size, stacked
 from ..registry import Method
 
 SVD_MODES = ("full", "lowrank")
@@ -207,6 +208,20 @@ def _adapted_kernel(weight, up, kernel):
     return torch.addmm(weight.flatten(1), up, kernel.flatten(1)).view_as(weight)
 
 
+def _transforms(adapters: list["PSOFTAdapter"]) -> torch.Tensor:
+    """``C = diag(beta) R diag(alpha)`` of every chunk of ``adapters`` (equal batch keys), stacked in order, fp32,
+    shape (chunks, rank, rank)."""
+    first = adapters[0]
+    q = stacked([a.at_strength(a.q, 0.0) for a in adapters])
+    segments = tuple(a.chunks for a in adapters) if len(adapters) > 1 else None
+    c = orthogonal_from_packed(q, first.rank, first.neumann_terms, segments)
+    if first.beta is not None:
+        c = stacked([a.at_strength(a.beta, 1.0) for a in adapters]).float()[..., :, None] * c
+    if first.alpha is not None:
+        c = c * stacked([a.at_strength(a.alpha, 1.0) for a in adapters]).float()[..., None, :]
+    return c
+
+
 class PSOFTAdapter(Adapter):
     """PSOFT on one Linear or Conv2d; with ``split_qkv`` on a fused qkv the output rows split into three
     independent subspaces (``chunks``)."""
@@ -249,21 +264,34 @@ class PSOFTAdapter(Adapter):
 
     def transform(self) -> torch.Tensor:
         """``C = diag(beta) R diag(alpha)`` per chunk, fp32, shape (chunks, rank, rank)."""
-        c = orthogonal_from_packed(self.at_strength(self.q, 0.0), self.rank, self.neumann_terms)
-        if self.beta is not None:
-            c = self.at_strength(self.beta, 1.0).float()[..., :, None] * c
-        if self.alpha is not None:
-            c = c * self.at_strength(self.alpha, 1.0).float()[..., None, :]
-        return c
+        return _transforms([self])
 
     def up_weight(self) -> torch.Tensor:
         """``B (C - I)`` as one (out, chunks * rank) matrix in fp32, block-diagonal over chunks."""
-        return self.cached(self._up_weight)
+        return self.built(lambda: self.build_batch([self])[0])
 
-    def _up_weight(self) -> torch.Tensor:
-        eye = torch.eye(self.rank, device=self.q.device)
-        up = self.B.float() @ (self.transform() - eye)
-        return up[0] if self.chunks == 1 else torch.block_diag(*up.unbind(0))
+    def batch_key(self):
+        return (PSOFTAdapter, self.rank, self.neumann_terms, self.alpha is None, self.beta is None, self.q.device,
+                self.q.dtype)
+
+    @classmethod
+    def build_batch(cls, adapters: list["PSOFTAdapter"]) -> list[torch.Tensor]:
+        """``B (C - I)`` of each adapter: every C from one batched Cayley transform, then one batched matmul per
+        shape of B (the adapters are ordered by it, so that each shape's rows of C are one slice)."""
+        order = sorted(range(len(adapters)), key=lambda i: (adapters[i].B.shape[1:], str(adapters[i].B.dtype)))
+        ordered = [adapters[i] for i in order]
+        transforms = _transforms(ordered)
+        shifted = transforms - torch.eye(ordered[0].rank, device=transforms.device)
+        runs = [list(run) for _, run in groupby(ordered, key=lambda a: (a.B.shape[1:], a.B.dtype))]
+        ups = []
+        for run, rows in zip(runs, shifted.split([sum(a.chunks for a in run) for run in runs]), strict=True):
+            products = torch.bmm(stacked([a.B for a in run]).float(), rows)  # (chunks of the run, out / chunks, r)
+            ups += [up.flatten(0, 1) if a.chunks == 1 else torch.block_diag(*up.unbind(0))
+                    for a, up in zip(run, products.split([a.chunks for a in run]), strict=True)]
+        in_order = [None] * len(adapters)
+        for i, up in zip(order, ups, strict=True):
+            in_order[i] = up
+        return in_order
 
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The update as an exact LoRA ``up @ down``: up ``B (C - I)`` (out, k) and down ``A`` in the layer's
