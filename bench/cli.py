@@ -3,9 +3,11 @@
     python -m bench --workloads vit-b16 --methods psoft,peft-lora,peft-psoft --out runs/bench
 
 Per configuration: trainable parameters, set-up time (injection, SVD included), the median time of a training
-step (forward, backward, AdamW), the peak memory of the training steps (CUDA: max_memory_allocated; CPU: the
-process's peak resident set, reset after set-up), the adapter file size, and the median eval-mode inference time
-unmerged and merged. The "floor" freezes every weight and back-propagates to the input: every adapter pays that.
+step (forward, backward, AdamW), the compute ops one training step dispatches and its waits for the device (syncs;
+bench/ops.py: deterministic, and what bounds a GPU step of small adapters), the peak memory of the training steps
+(CUDA: max_memory_allocated; CPU: the process's peak resident set, reset after set-up), the adapter file size, and
+the median eval-mode inference time unmerged and merged. The "floor" freezes every weight and back-propagates to the
+input: every adapter pays that.
 """
 
 import argparse

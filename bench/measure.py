@@ -11,6 +11,7 @@ import torch
 from psoft_vision.memory import peak_memory_mib, reset_peak_memory
 
 from .methods import methods
+from .ops import count_step
 from .workloads import WORKLOADS
 
 
@@ -75,7 +76,8 @@ def run_config(workload: str, method: str, steps: int, warmup: int, device: str)
     model, merge = methods()[method](model, spec)
     setup_s = time.perf_counter() - start
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
+    # foreach, as AdamW defaults to on a GPU: one multi-tensor op per update, whatever the number of parameters
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=True) if trainable else None
     x = inputs[0].clone().requires_grad_(method == "floor")
     model.train()
 
@@ -87,8 +89,9 @@ def run_config(workload: str, method: str, steps: int, warmup: int, device: str)
             optimizer.zero_grad(set_to_none=True)
         x.grad = None
 
-    for _ in range(warmup):
+    for _ in range(max(warmup, 1)):  # the optimizer's state exists before ops are counted
         step()
+    dispatched = count_step(step, optimizer)
     reset_peak_memory(device)
     step_s = [_timed(step, device, 1) for _ in range(steps)]
     peak = peak_memory_mib(device)
@@ -104,6 +107,7 @@ def run_config(workload: str, method: str, steps: int, warmup: int, device: str)
         workload=workload, method=method, device=str(device), base=base_kind(model),
         trainable=sum(p.numel() for p in trainable),
         setup_s=setup_s, step_ms=1000 * statistics.median(step_s), step_ms_all=[1000 * s for s in step_s],
+        step_ops=dispatched["ops"], step_syncs=dispatched["syncs"],
         peak_mib=peak, base_mib=base_bytes(model) / 2**20, adapter_bytes=_adapter_bytes(model), infer_ms=1000 * infer_s,
         infer_merged_ms=None if merged_s is None else 1000 * merged_s,
     )

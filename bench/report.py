@@ -13,7 +13,7 @@ def pool(runs: list[dict]) -> dict:
     out = dict(ok[0], runs=len(ok))
     out["step_ms_all"] = [t for r in ok for t in r["step_ms_all"]]
     out["step_ms"] = statistics.median(out["step_ms_all"])
-    for key in ("peak_mib", "setup_s", "infer_ms", "infer_merged_ms"):
+    for key in ("peak_mib", "setup_s", "infer_ms", "infer_merged_ms", "step_ops", "step_syncs"):
         values = [r[key] for r in ok if r[key] is not None]
         out[key] = statistics.median(values) if values else None
     return out
@@ -27,8 +27,8 @@ def rows(results: list[dict]) -> list[tuple[str, ...]]:
     """The report as text cells, header first; ratios against the floor and PEFT LoRA (on the same kind of base) of
     the same workload."""
     by = {(r["workload"], r["method"]): r for r in results if "error" not in r}
-    head = ("workload", "method", "base", "trainable", "step ms", "x floor", "x lora", "peak MiB", "x floor",
-            "x lora", "base MiB", "setup s", "infer ms", "merged ms", "file KiB")
+    head = ("workload", "method", "base", "trainable", "step ms", "x floor", "x lora", "ops/step", "x lora", "syncs",
+            "peak MiB", "x floor", "x lora", "base MiB", "setup s", "infer ms", "merged ms", "file KiB")
     out = [head]
 
     def fmt(value, spec=".2f"):
@@ -44,6 +44,8 @@ def rows(results: list[dict]) -> list[tuple[str, ...]]:
         out.append((
             r["workload"], r["method"], r.get("base", "float"), f"{r['trainable']:,}", fmt(r["step_ms"], ".0f"),
             fmt(_ratio(r["step_ms"], floor and floor["step_ms"])), fmt(_ratio(r["step_ms"], lora and lora["step_ms"])),
+            fmt(r.get("step_ops"), ".0f"), fmt(_ratio(r.get("step_ops"), lora and lora.get("step_ops"))),
+            fmt(r.get("step_syncs"), ".0f"),
             fmt(r["peak_mib"], ".0f"), fmt(_ratio(r["peak_mib"], floor and floor["peak_mib"])),
             fmt(_ratio(r["peak_mib"], lora and lora["peak_mib"])), fmt(r.get("base_mib"), ".1f"), fmt(r["setup_s"]),
             fmt(r["infer_ms"], ".0f"),

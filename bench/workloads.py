@@ -8,7 +8,7 @@ import torch.nn.functional as F
 VIT_TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
 
 
-def _timm_classifier(name: str, batch: int, size: int, device):
+def _timm_classifier(name: str, batch: int, size: int, device, rank: int = 46):
     import timm
 
     model = timm.create_model(name, pretrained=False, num_classes=100).to(device)
@@ -20,11 +20,16 @@ def _timm_classifier(name: str, batch: int, size: int, device):
         return F.cross_entropy(model(x), y)
 
     return model, (x,), loss_fn, dict(targets=VIT_TARGETS, head="head", lora_rank=8,
-                                     sizes=dict(rank=46, block_size=32))
+                                     sizes=dict(rank=rank, block_size=32))
 
 
 def vit_b16(device):
     return _timm_classifier("vit_base_patch16_224", 8, 224, device)
+
+
+def vit_tiny_b1(device):
+    """One image through a ViT-Tiny at r=8: per-op overhead, not arithmetic, sets the step time (as on a GPU)."""
+    return _timm_classifier("vit_tiny_patch16_224", 1, 224, device, rank=8)
 
 
 def test_vit(device):
@@ -55,4 +60,4 @@ def unet_small(device):
                                           sizes=dict(rank=16, block_size=32))
 
 
-WORKLOADS = {"vit-b16": vit_b16, "unet-small": unet_small, "test-vit": test_vit}
+WORKLOADS = {"vit-b16": vit_b16, "vit-tiny-b1": vit_tiny_b1, "unet-small": unet_small, "test-vit": test_vit}

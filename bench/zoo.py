@@ -364,6 +364,8 @@ def check(built: Built, method: str) -> MethodResult:
         raise CheckFailed(f"unmerge is not exact: {len(changed)} weights differ ({changed[:3]}), output "
                           f"{'equal' if torch.equal(restored, unmerged) else 'differs'}")
 
+    numbers["state_dict"] = _state_dict_round_trip(built, method, model, unmerged)
+
     with tempfile.TemporaryDirectory() as folder:
         path = pv.save_adapter(model, Path(folder) / "adapter.safetensors")
         loaded = pv.load_adapter(built.fresh(), path)
@@ -372,6 +374,27 @@ def check(built: Built, method: str) -> MethodResult:
     if not numbers["load"] <= LOAD_TOLERANCE:
         raise CheckFailed(f"the loaded adapter gives another output: relative difference {numbers['load']:.1e}")
     return MethodResult("pass", trainable=trainable, numbers=numbers)
+
+
+@torch.no_grad()
+def _state_dict_round_trip(built: Built, method: str, model: nn.Module, unmerged: torch.Tensor) -> float:
+    """The merged model's ``state_dict`` loaded (strict) into the model built anew from another initialisation and
+    injected: the same output, merged, and bit for bit the unmerged one after ``unmerge``."""
+    pv.merge(model)
+    state = model.state_dict()
+    pv.unmerge(model)
+    torch.manual_seed(1)
+    other = built._create()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pv.inject(other, METHODS[method]())
+    other.load_state_dict(state)
+    error = rel(output(other(built.x)), unmerged)
+    if not error <= MERGE_TOLERANCE:
+        raise CheckFailed(f"state_dict round trip: the reloaded merged model differs by {error:.1e}")
+    if not torch.equal(output(pv.unmerge(other)(built.x)), unmerged):
+        raise CheckFailed("state_dict round trip: unmerged after reloading, the output is not the same bit for bit")
+    return error
 
 
 def run_family(family: str, methods=tuple(METHODS)) -> FamilyResult:

@@ -18,6 +18,7 @@ from .errors import (
     PSOFTVisionError,
     TargetNotFoundError,
     UnsupportedLayerError,
+    WeightsNotLoadedError,
 )
 from .export import export_lora
 from .export_oft import export_oft
@@ -51,6 +52,7 @@ __all__ = [
     "PSOFTVisionError",
     "TargetNotFoundError",
     "UnsupportedLayerError",
+    "WeightsNotLoadedError",
     "activate",
     "adapted_layers",
     "adapter_names",

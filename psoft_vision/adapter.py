@@ -4,7 +4,7 @@ An adapter is a transform of one frozen layer's weight, ``W -> T(W)``. It is bui
 :class:`~psoft_vision.bases.Base`) and the config of its method, and it provides:
 
 - ``forward(x, inner)``: the output of the layer with weight ``T(W_inner)``, where ``inner`` is the layer with the
-  adapters below this one (a callable); the adapter never needs to form ``T(W)`` here;
+  adapters below this one (an :class:`Inner`: call it); the adapter never needs to form ``T(W)`` here;
 - ``merge_into(W)``: ``T(W)`` itself, with maths in fp32 and the result in ``W``'s dtype; ``forward`` and
   ``merge_into`` agree, so merging never changes the output beyond rounding;
 - ``describe()``: the JSON-able facts of this adapter on this layer that an adapter file records (its shapes);
@@ -22,6 +22,8 @@ Every adapter is the identity when it is created and at strength 0. What else ho
 the method's own promise, stated in its module.
 """
 
+import contextlib
+import itertools
 import weakref
 
 import torch
@@ -37,6 +39,36 @@ def tracing() -> bool:
     """Under torch.compile, torch.export or fx tracing: the traced graph must compute everything from the
     parameters, never read a tensor kept from an earlier call."""
     return torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+
+
+class Inner:
+    """What ``Adapter.forward`` gets as ``inner``: the layer with the adapters below it, called as ``inner(x)``, and
+    ``module``, the frozen layer itself when no adapter is below (else None), for adapters that can fuse their work
+    with it. Not a module: hooks that move every argument of a call to a device (accelerate's offloading) would move,
+    or fail on, the layer's weights."""
+
+    __slots__ = ("call", "module")
+
+    def __init__(self, call, module: nn.Module | None = None):
+        self.call, self.module = call, module
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.call(x)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes in on ``device`` now, or None where it is off (or has no autocast: ``meta``)."""
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def fp32(device: torch.device):
+    """A context where autocast is off on ``device``: adapters build their transforms in fp32, whatever the autocast
+    of the forward that asks for them (a merge or an export then gives the same weights under autocast)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class Adapter(nn.Module):
@@ -71,6 +103,12 @@ class Adapter(nn.Module):
         """Called by ``load_adapter`` with the file's anchors, this layer's ``describe()`` as saved and the base's
         pretrained weight."""
 
+    @property
+    def device(self) -> torch.device:
+        """Where the adapter's tensors are (the CPU for an adapter without any)."""
+        tensor = next(itertools.chain(self.parameters(), self.buffers()), None)
+        return torch.device("cpu") if tensor is None else tensor.device
+
     def state_key(self) -> tuple:
         """Everything a transform computed from this adapter depends on: the strength, and each parameter's and
         buffer's storage, in-place version, dtype and device."""
@@ -84,10 +122,7 @@ class Adapter(nn.Module):
         if torch.is_grad_enabled() or tracing():
             self._cache = None
             return compute()
-        key = self.state_key()
-        if key:
-            device = key[-1][-1].type
-            key += (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device),)
+        key = (*self.state_key(), autocast_dtype(self.device))
         cache = getattr(self, "_cache", None)
         if cache is None or cache[0] != key:
             cache = self._cache = (key, compute())
@@ -109,17 +144,21 @@ class Adapter(nn.Module):
 
     def built(self, compute):
         """This adapter's transform: its part of the batch built for the forward under way where that is exactly
-        what ``compute()`` gives, else ``compute()`` (cached while gradients are off)."""
+        what ``compute()`` gives, else ``compute()`` with autocast off (cached while gradients are off)."""
+        def own():
+            with fp32(self.device):
+                return compute()
+
         if tracing() or not torch.is_grad_enabled():
-            return self.cached(compute)
+            return self.cached(own)
         handed = _HANDED.get(self)
         if handed is None or handed[0] != self.state_key():
-            return compute()
+            return own()
         _, part, forward = handed
         if torch._C._current_graph_task_id() != -1:  # recomputed in a backward pass: do what the forward did
-            return part if _TAKEN.get(self) is forward else compute()
+            return part if _TAKEN.get(self) is forward else own()
         if not forward.running:
-            return compute()
+            return own()
         _TAKEN[self] = forward
         return part
 

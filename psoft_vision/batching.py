@@ -11,8 +11,8 @@ and outside every checkpointed region. A layer takes its part only when that is 
 own; otherwise it builds its own transform (``Adapter.built`` decides), always correctly:
 
 - only while gradients are on, outside ``torch.compile``, ``torch.export`` and fx tracing (which trace each layer's
-  own computation), and never with sharded (FSDP2) parameters, which are gathered block by block after the
-  model's pre-hook has run;
+  own computation), and never with sharded (FSDP2) or offloaded parameters, which are gathered or loaded block by
+  block after the model's pre-hook has run;
 - only while the forward that built it runs: a layer called on its own later (``model.forward_features(x)``) builds
   its own, so two forwards never share one graph;
 - only if nothing it reads changed since (an in-place update, a move, the strength): the key of ``Adapter.state_key``;
@@ -27,7 +27,7 @@ import weakref
 import torch
 from torch import nn
 
-from .adapter import tracing
+from .adapter import fp32, tracing
 from .layer import AdaptedLayer
 
 #: model -> its adapted layers, found once (``attach`` and the lifecycle's structural changes refresh it)
@@ -45,12 +45,14 @@ class _Forward:
         self.running = True
 
 
-def _sharded(adapter: nn.Module) -> bool:
+def _elsewhere(adapter: nn.Module) -> bool:
+    """Whether the adapter's parameters are not all here before its own forward: sharded by FSDP2 (gathered when its
+    block runs) or offloaded to the meta device (accelerate's hooks load them when the adapter runs)."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # a torch built without distributed support
-        return False
-    return any(isinstance(p, DTensor) for p in adapter.parameters())
+        DTensor = ()
+    return any(isinstance(p, DTensor) or p.is_meta for p in adapter.parameters())
 
 
 def _groups(model: nn.Module) -> list[list[nn.Module]]:
@@ -62,7 +64,7 @@ def _groups(model: nn.Module) -> list[list[nn.Module]]:
         for name in layer.active[len(layer.merged):]:
             adapter = layer.adapters[name]
             key = adapter.batch_key()
-            if key is not None and any(p.requires_grad for p in adapter.parameters()) and not _sharded(adapter):
+            if key is not None and any(p.requires_grad for p in adapter.parameters()) and not _elsewhere(adapter):
                 groups.setdefault(key, []).append(adapter)
     return [group for group in groups.values() if len(group) > 1]
 
@@ -73,8 +75,7 @@ def _build(model: nn.Module, args) -> None:
         return
     forward = _RUNNING[model] = _Forward()
     for group in _groups(model):
-        device = next(group[0].parameters()).device
-        with torch.autocast(device.type, enabled=False):  # the transforms are fp32 whatever the autocast
+        with fp32(group[0].device):
             parts = type(group[0]).build_batch(group)
         for adapter, part in zip(group, parts, strict=True):
             adapter.receive(part, forward)

@@ -54,3 +54,7 @@ class NotLowRankError(LoRAExportError):
 
 class MergeError(PSOFTVisionError, ValueError):
     """Adapters cannot be merged into these layers (quantized bases)."""
+
+
+class WeightsNotLoadedError(PSOFTVisionError, RuntimeError):
+    """Adapted layers hold weights on the meta device (offloaded by accelerate, or never loaded)."""

@@ -35,11 +35,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import kohya
+from .adapter import fp32
 from .diffusers import denoiser
 from .errors import AdapterNameError, ConfigError, LoRAExportError, NotLowRankError
 from .files import atomic_write
 from .layer import AdaptedLayer
-from .lifecycle import adapted_layers, adapter_names, one_adapter_name, uncompiled
+from .lifecycle import adapted_layers, adapter_names, one_adapter_name, require_loaded, uncompiled
 from .targets import candidate_modules
 
 FORMATS = ("diffusers", "peft", "kohya")
@@ -107,8 +108,9 @@ def lora_weights(model: nn.Module, name: str | None = None, full_deltas: bool = 
     :class:`LoRAExportError` for a dilated Conv2d (PEFT's conv LoRA has no dilation).
     """
     name = one_adapter_name(model, name)
+    require_loaded(dict(adapted_layers(model)), "a LoRA export")
     factors = {}
-    with torch.no_grad():
+    with torch.no_grad(), fp32(next(model.parameters()).device):  # the factors never depend on the caller's autocast
         for layer_name, layer, adapter in holding(model, name):
             if isinstance(layer.base, nn.Conv2d) and tuple(layer.base.dilation) != (1, 1):
                 raise LoRAExportError(

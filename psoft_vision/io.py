@@ -26,7 +26,7 @@ from .fingerprint import fingerprint, mismatch
 from .identify import describe_foreign
 from .inject import inject
 from .layer import AdaptedLayer
-from .lifecycle import _unmerged, adapted_layers, one_adapter_name, remove, set_strength, uncompiled
+from .lifecycle import _unmerged, adapted_layers, one_adapter_name, remove, require_loaded, set_strength, uncompiled
 from .registry import get_method
 
 FORMAT = "psoft_vision.adapter"
@@ -81,6 +81,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     name = one_adapter_name(model, name)
     path = Path(path)
     layers, fingerprints = {}, {}
+    require_loaded(dict(adapted_layers(model)), "save_adapter")
     for layer_name, layer in adapted_layers(model):
         if name in layer.adapters:
             adapter = layer.adapters[name]

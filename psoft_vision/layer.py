@@ -11,15 +11,23 @@ with the adapted weight and trains the adapters, exactly as if it had called the
 
 Merging folds a prefix of the stack into the base weight in the same order; the pretrained weight is kept aside
 while anything is merged, so unmerging gives it back bit for bit.
+
+The module contract: ``state_dict()`` holds the pretrained weight (never a merged one), every adapter tensor (PSOFT's
+subspace included) and, as the layer's extra state, which adapters are active, how many are merged and their
+strengths. ``load_state_dict`` therefore restores exactly the saved layer, merges included, into a layer in any
+merge state.
 """
 
+import json
+import math
 from functools import partial
 
 import torch
 from torch import nn
 
-from .adapter import Adapter
+from .adapter import Adapter, Inner, fp32
 from .bases import classify, weight_of
+from .errors import KeyMismatchError
 
 
 class AdaptedLayer(nn.Module):
@@ -33,6 +41,8 @@ class AdaptedLayer(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []  # always a prefix of ``active``: those folded into base.weight
         self.original_weight: torch.Tensor | None = None  # the pretrained weight while anything is merged
+        self.register_state_dict_post_hook(_pretrained_weight_in_state)
+        self.register_load_state_dict_post_hook(_merge_as_loaded)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -74,9 +84,9 @@ class AdaptedLayer(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # named like nn.Linear's: some callers pass input=
         if self.kind.weight_path and len(self.active) > len(self.merged):
             return torch.func.functional_call(self.base, {"weight": self.weight}, (input,))
-        layer = self.base
+        layer = Inner(self.base, self.base)
         for name in self.active[len(self.merged) :]:
-            layer = partial(self.adapters[name], inner=layer)
+            layer = Inner(partial(self.adapters[name], inner=layer))
         return layer(input)
 
     @torch.no_grad()
@@ -87,7 +97,8 @@ class AdaptedLayer(nn.Module):
         for name in self.active[len(self.merged) : stop]:
             if self.original_weight is None:
                 self.original_weight = self.base.weight.detach().clone()
-            self.base.weight.copy_(self.adapters[name].merge_into(self.base.weight))
+            with fp32(self.base.weight.device):  # merged weights never depend on the caller's autocast
+                self.base.weight.copy_(self.adapters[name].merge_into(self.base.weight))
             self.merged.append(name)
 
     @torch.no_grad()
@@ -98,5 +109,51 @@ class AdaptedLayer(nn.Module):
         self.original_weight = None
         self.merged = []
 
+    def get_extra_state(self) -> torch.Tensor:
+        """The active adapters, how many of them are merged and every adapter's strength, as UTF-8 JSON in a uint8
+        tensor: safetensors checkpoints (accelerate's ``save_state``) hold tensors only."""
+        state = {"active": self.active, "merged": len(self.merged),
+                 "strength": {name: adapter.strength for name, adapter in self.adapters.items()}}
+        return torch.frombuffer(bytearray(json.dumps(state).encode()), dtype=torch.uint8)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        """Take the saved active adapters and strengths; the saved merges are redone once the pretrained weight and
+        the adapters' tensors are loaded (:func:`_merge_as_loaded`)."""
+        active, merged, strength = _read_extra_state(state, list(self.adapters))
+        self.unmerge()
+        self.active = active
+        for name, value in strength.items():
+            self.adapters[name].strength = value
+        self._merge_when_loaded = merged
+
     def extra_repr(self) -> str:
         return f"active={self.active}, merged={self.merged}"
+
+
+def _read_extra_state(state, adapters: list[str]) -> tuple[list[str], int, dict[str, float]]:
+    """``(active, merged count, strengths)`` from a saved extra state, checked against the layer's adapters."""
+    try:
+        saved = json.loads(bytes(state.to("cpu", torch.uint8).tolist()).decode())
+        active, merged, strength = list(saved["active"]), int(saved["merged"]), dict(saved["strength"])
+        strength = {str(name): float(value) for name, value in strength.items()}
+    except (AttributeError, TypeError, ValueError, KeyError, UnicodeDecodeError) as error:
+        raise KeyMismatchError(f"an adapted layer's saved extra state is not one psoft_vision wrote ({error!r}); "
+                               "load a state dict saved from a model with the same adapters.") from error
+    unknown = sorted({*active, *strength} - set(adapters))
+    if unknown or not 0 <= merged <= len(active) or not all(map(math.isfinite, strength.values())):
+        raise KeyMismatchError(
+            f"the saved layer state (active {active}, {merged} merged, strengths {strength}) does not fit a layer "
+            f"with adapters {adapters}: inject the same adapters (names and configs) before load_state_dict.")
+    return active, merged, strength
+
+
+def _pretrained_weight_in_state(layer: AdaptedLayer, state: dict, prefix: str, local_metadata) -> None:
+    """A merged layer's state holds the pretrained weight: its extra state says what to merge again on load."""
+    if layer.original_weight is not None and prefix + "base.weight" in state:
+        state[prefix + "base.weight"] = layer.original_weight
+
+
+def _merge_as_loaded(layer: AdaptedLayer, incompatible_keys) -> None:
+    merged = layer.__dict__.pop("_merge_when_loaded", 0)
+    if merged:
+        layer.merge(upto=layer.active[merged - 1])

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from . import batching
-from .errors import AdapterNameError, ConfigError, MergeError
+from .errors import AdapterNameError, ConfigError, MergeError, WeightsNotLoadedError
 from .layer import AdaptedLayer
 
 #: The attribute under which inject keeps the model's requires_grad flags from before its first adapter.
@@ -27,6 +27,18 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
     for name, module in model.named_modules():
         if isinstance(module, AdaptedLayer):
             yield name, module
+
+
+def require_loaded(layers: dict[str, AdaptedLayer], doing: str) -> None:
+    """Refuse ``doing`` on layers with weights on the meta device: what it reads is not there. A forward is fine:
+    accelerate's offloading hooks load each layer's weights for its own call only."""
+    empty = [name for name, layer in layers.items() if any(t.is_meta for t in (*layer.parameters(), *layer.buffers()))]
+    if empty:
+        raise WeightsNotLoadedError(
+            f"{len(empty)} adapted layers (first: {empty[0]!r}) hold weights on the meta device (offloaded by "
+            f"accelerate's cpu_offload, enable_sequential_cpu_offload or a device_map, or never loaded), so {doing} "
+            "cannot read them. Do it before offloading, or after accelerate.hooks.remove_hook_from_submodules(model) "
+            "and loading the weights back.")
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -66,6 +78,7 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
     if name is not None:
         _check_names(model, [name])
     layers = {n: layer for n, layer in adapted_layers(model) if name is None or name in layer.active}
+    require_loaded(layers, "merge")
     quantized = {n: layer.kind.quantized for n, layer in layers.items() if layer.kind.quantized}
     if quantized:
         first, kinds = next(iter(quantized)), sorted(set(quantized.values()))

@@ -42,7 +42,7 @@ def _upper_flat_index(size: int, device: torch.device) -> torch.Tensor:
 def _segment_index(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
     with torch.inference_mode(False):
         return torch.repeat_interleave(torch.arange(len(lengths), device=device),
-                                       torch.tensor(lengths, device=device))
+                                       torch.tensor(lengths, device=device), output_size=sum(lengths))
 
 
 def stacked(tensors: list[torch.Tensor]) -> torch.Tensor:

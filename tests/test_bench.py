@@ -46,3 +46,16 @@ def test_svd_report_times_both_modes_and_the_lowrank_error():
     text = bench.svd_report(["test-vit"])
     assert re.fullmatch(r"test-vit: \d+ layers at rank 46: full [\d.]+ s, lowrank [\d.]+ s; "
                         r"lowrank error median [\d.e+-]+, worst [\d.e+-]+", text)
+
+
+def test_ops_per_step_meet_the_targets_with_no_sync(tmp_path):
+    """The ops a training step dispatches (deterministic: what bounds a GPU step of small adapters) against PEFT's
+    LoRA on the same layers: PSOFT <= 0.9x, PSOFT-Neumann and OFTv2 <= 1.0x, and no method waits for the device."""
+    bench.main(["--workloads", "test-vit", "--methods", "floor,psoft,psoft-neumann,oft,peft-lora", "--steps", "1",
+                "--warmup", "1", "--out", str(tmp_path)])
+    by = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())}
+    lora = by["peft-lora"]["step_ops"]
+    assert by["floor"]["step_ops"] < by["psoft"]["step_ops"] <= 0.9 * lora
+    assert by["psoft-neumann"]["step_ops"] <= lora and by["oft"]["step_ops"] <= lora
+    assert {r["step_syncs"] for r in by.values()} == {0}
+    assert "ops/step" in (tmp_path / "results.md").read_text().splitlines()[0]

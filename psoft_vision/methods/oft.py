@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapter import Adapter
+from ..adapter import Adapter, Inner
 from ..bases import Base
 from ..config import AdapterConfig, check_int, check_neumann_terms, check_pattern, pattern_match
 from ..errors import BlockSizeError, UnsupportedLayerError
@@ -109,7 +109,7 @@ class OFTAdapter(Adapter):
                                            tuple(blocks) if len(adapters) > 1 else None)
         return list(rotations.split(blocks))
 
-    def forward(self, x: torch.Tensor, inner) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inner: Inner) -> torch.Tensor:
         r = self.rotations()
         if self.training and self.p > 0:
             keep = torch.rand(self.blocks, device=r.device) >= self.p

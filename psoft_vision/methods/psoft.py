@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapter import Adapter
+from ..adapter import Adapter, Inner, autocast_dtype, fp32
 from ..bases import Base
 from ..config import AdapterConfig, check_int, check_neumann_terms, check_pattern, pattern_match
 from ..errors import ConfigError
@@ -115,13 +115,18 @@ def _top_singular(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat([u.T @ w[:, c].double() for c in columns], dim=1) / s[:, None], u * s
 
 
-def _fusable(inner, conv: dict | None) -> bool:
-    """A plain frozen Linear (Conv2d) without hooks: the adapter can run with it in one autograd node."""
+def _fusable(inner: Inner, conv: dict | None) -> bool:
+    """Whether ``inner`` is a plain frozen Linear (Conv2d) without hooks, with which the adapter can run in one
+    autograd node (not under torch.export, which cannot trace the node's ``out=`` ops). A forward replaced on the
+    instance, as accelerate's offloading hooks do to load the weight, must run."""
+    base = inner.module
     return (
-        type(inner) is (nn.Linear if conv is None else nn.Conv2d)
-        and not inner.weight.requires_grad
-        and (inner.bias is None or not inner.bias.requires_grad)
-        and not (inner._forward_hooks or inner._forward_pre_hooks)
+        base is not None
+        and not torch.compiler.is_exporting()
+        and type(base) is (nn.Linear if conv is None else nn.Conv2d)
+        and not base.weight.requires_grad
+        and (base.bias is None or not base.bias.requires_grad)
+        and not (base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__)
         and (conv is None or not isinstance(conv["padding"], str))
     )
 
@@ -253,8 +258,9 @@ class PSOFTAdapter(Adapter):
         factors = [principal_subspace(w, rank, config.svd) for w in weight.flatten(1).chunk(chunks)]
         a = torch.cat([a for a, _ in factors]).to(weight.dtype)  # (chunks * rank, in * kh * kw)
         b = torch.stack([b for _, b in factors]).to(weight.dtype)  # (chunks, out / chunks, rank)
-        self.register_buffer("A", a, persistent=False)
-        self.register_buffer("B", b, persistent=False)
+        # In the state dict: a freshly built model's own SVD would be of other weights until they are loaded.
+        self.register_buffer("A", a)
+        self.register_buffer("B", b)
 
         self.q = nn.Parameter(torch.zeros(chunks, packed_size(rank), device=weight.device))
         ones = torch.ones(chunks, rank, device=weight.device)
@@ -305,15 +311,16 @@ class PSOFTAdapter(Adapter):
         """``B (C - I) A`` in the layer's weight shape, fp32."""
         return (self.up_weight() @ self.A.float()).reshape(self.weight_shape)
 
-    def forward(self, x: torch.Tensor, inner) -> torch.Tensor:
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    def forward(self, x: torch.Tensor, inner: Inner) -> torch.Tensor:
+        dtype = autocast_dtype(x.device) or x.dtype
         up = self.up_weight().to(dtype)
         a = self.A.to(dtype)
         if self.quantization is None and _fusable(inner, self.conv) and not (
                 self.training and isinstance(self.dropout, nn.Dropout)):
-            with torch.autocast(x.device.type, enabled=False):
-                x, weight = x.to(dtype), inner.weight.to(dtype)
-                bias = None if inner.bias is None else inner.bias.to(dtype)
+            base = inner.module
+            with fp32(x.device):  # the node computes in ``dtype`` itself
+                x, weight = x.to(dtype), base.weight.to(dtype)
+                bias = None if base.bias is None else base.bias.to(dtype)
                 if self.conv is None:
                     return _PrincipalLinear.apply(x, weight, bias, a, up)
                 return _PrincipalConv2d.apply(x, weight, bias, a.reshape(-1, *self.weight_shape[1:]), up, self.conv)
