@@ -54,3 +54,23 @@ class NotLowRankError(LoRAExportError):
 
 class MergeError(PSOFTVisionError, ValueError):
     """Adapters cannot be merged into these layers (quantized bases)."""
+
+
+class MissingExtraError(PSOFTVisionError, ImportError):
+    """An optional dependency is not installed; the message names the extra that installs it."""
+
+
+class HubError(PSOFTVisionError, OSError):
+    """A hub repository, revision or file could not be had; the message names what was tried."""
+
+
+class HubOfflineError(HubError):
+    """No network (or ``HF_HUB_OFFLINE=1``), and what was asked for is not in the local cache."""
+
+
+class HubAccessError(HubError):
+    """A gated or private repository without access, or no repository of that name."""
+
+
+class HubNotFoundError(HubError):
+    """The repository has no such revision or file."""
