@@ -100,23 +100,21 @@ def _load_code(kind: str, file: str, library: str | None, repo: str, base: str, 
     folder, _, name = file.rpartition("/")
     where = f'"{repo}", weight_name="{file}"'
     if kind == "adapter" and library == "diffusers":
-        role = name.removesuffix(".safetensors").removeprefix("adapter").lstrip("_")
-        target = f"pipe.{role}" if role else "pipe"
-        load = (f"load_adapter_into_pipeline(pipe, {where})" if not role
-                else f"pv.load_adapter({target}, {where})")
-        return ("```python\nimport torch\nfrom diffusers import DiffusionPipeline\n\nimport psoft_vision as pv\n"
-                "from psoft_vision.diffusers import load_adapter_into_pipeline\n\n"
-                f'pipe = DiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")\n'
-                f"{load}\n```")
+        role = name.removesuffix(".safetensors").removeprefix("adapter").lstrip("_")  # a text encoder's file
+        imports, load = (("import psoft_vision as pv", f"pv.load_adapter(pipe.{role}, {where})") if role else
+                         ("from psoft_vision.diffusers import load_adapter_into_pipeline",
+                          f"load_adapter_into_pipeline(pipe, {where})"))
+        return (f"```python\nfrom diffusers import DiffusionPipeline\n\n{imports}\n\n"
+                f'pipe = DiffusionPipeline.from_pretrained("{base}")\n{load}\n```')
     if kind == "adapter":
         create = (f'model = timm.create_model("{base}", pretrained=True, num_classes={num_classes})\n'
                   if library == "timm" else "model = ...  # the base model it was trained on\n")
-        return (f"```python\n{'import timm' + chr(10) if library == 'timm' else ''}import psoft_vision as pv\n\n"
+        return (f"```python\n{'import timm' + chr(10) * 2 if library == 'timm' else ''}import psoft_vision as pv\n\n"
                 f"{create}pv.load_adapter(model, {where})\n```")
     if kind == "lora":
         subfolder = f'subfolder="{folder}", ' if folder else ""
-        return ("```python\nimport torch\nfrom diffusers import DiffusionPipeline\n\n"
-                f'pipe = DiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")\n'
+        return ("```python\nfrom diffusers import DiffusionPipeline\n\n"
+                f'pipe = DiffusionPipeline.from_pretrained("{base}")\n'
                 f'pipe.load_lora_weights("{repo}", {subfolder}weight_name="{name}")\n```')
     if kind == "kohya":
         return (f"Download `{file}` into ComfyUI's `models/loras` folder and pick it in a *Load LoRA* node between "
@@ -130,12 +128,15 @@ def _load_code(kind: str, file: str, library: str | None, repo: str, base: str, 
 
 
 def model_card(files: dict[str, str], *, library: str | None = None, task: str | None = None,
-               base_model: str | None = None, repo_id: str | None = None, folder: str | os.PathLike = ".",
+               base_model: str | None = None, base_name: str | None = None, repo_id: str | None = None,
+               folder: str | os.PathLike = ".",
                trained: str | None = None, trainable: int | None = None, metrics: dict | None = None,
                instance_prompt: str | None = None, samples: list[tuple[str, str]] = (),
                num_classes: int | None = None) -> str:
     """The text of a model card for the files of ``folder`` (``{path in the folder: kind}``, kinds of
-    :data:`KINDS`). ``repo_id``: the repository the folder goes to (else the snippets load from the folder);
+    :data:`KINDS`). ``base_model``: the hub id of the base (the front matter's); ``base_name``: how the snippets
+    load the base, when that differs (a timm name with its tag); ``repo_id``: the repository the folder goes to (else
+    the snippets load from the folder);
     ``trained``: the method in words where no psoft_vision adapter file tells it; ``samples``: ``(prompt, image
     path)`` pairs, the widget; ``metrics``: ``{label: value}`` of the run."""
     from .hub import is_hub_id
@@ -149,7 +150,7 @@ def model_card(files: dict[str, str], *, library: str | None = None, task: str |
                 "library_name": library, "pipeline_tag": task, "tags": tags, "instance_prompt": instance_prompt,
                 "widget": [{"text": prompt, "output": {"url": image}} for prompt, image in samples] or None}
     metadata = {k: v for k, v in metadata.items() if v is not None}
-    base = base_model or "the base model"
+    base = base_name or base_model or "the base model"
     title = (summaries[next(iter(summaries))].title if summaries else trained) or "Adapter"
     repo = repo_id or str(folder)
     parts = [f"---\n{_yaml(metadata)}\n---", f"# {title} on {base}",

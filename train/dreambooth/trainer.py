@@ -36,11 +36,12 @@ import torch
 import psoft_vision as pv
 from psoft_vision.memory import peak_memory_mib, reset_peak_memory
 
+from ..common import hub as run_hub
 from ..common.checkpoint import find_checkpoint, is_checkpoint, load_checkpoint, write_checkpoint
 from ..common.metrics_files import recorded_args, write_csv, write_json
 from ..common.resume_args import check_resume_args
 from . import cli
-from .adapters import adapter_path, apply_method, save_outputs, sharded_savers, trained_models
+from .adapters import adapter_path, apply_method, card_files, save_outputs, sharded_savers, trained_models
 from .cli import BASELINES, DEFAULT_LR, DEFAULT_PIPELINE, DEFAULT_SUBJECT, FALLBACK_LR  # noqa: F401  (re-exported)
 from .diffusion import (  # noqa: F401  (prior_batch, dreambooth_loss, training_target: re-exported for tests)
     ImageSet,
@@ -68,7 +69,7 @@ from .subject import DEFAULT_CLASS_PROMPT, DEFAULT_INSTANCE_PROMPT  # noqa: F401
 #: with their own generators; every other argument must be the run's own.
 MAY_DIFFER = frozenset({"quiet", "output_dir", "checkpointing_steps", "validation_prompt", "num_validation_images",
                         "validation_steps", "validation_epochs", "report_to", "logging_dir", "sample_batch_size",
-                        "local_rank"})
+                        "local_rank", *run_hub.MAY_DIFFER})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +104,7 @@ class Training:
     flow: dict | None = None  # the flow-matching sampling settings (diffusion.flow_settings)
     dtypes: dict[str, str] = field(default_factory=dict)
     savers: dict | None = None  # FSDP: the denoiser's AdapterSaver (made before sharding)
+    repo_id: str | None = None  # --push_to_hub: the hub repository, made before training
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
@@ -210,7 +212,9 @@ def build(args, accelerator) -> Training:
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     instance_paths = list_images(args.instance_data_dir, "--instance_data_dir")
-    pipe = load_pipeline(Path(args.pretrained_model_name_or_path), accelerator.device)
+    repo_id = run_hub.start_repo(args, accelerator.is_main_process)
+    pipe = load_pipeline(args.pretrained_model_name_or_path, accelerator.device, args.revision, args.variant,
+                         args.cache_dir)
     family = family_of(pipe)
     denoiser = pipe.unet if family.objective == "ddpm" else pipe.transformer
     args.resolution = args.resolution or native_resolution(pipe, denoiser)
@@ -239,7 +243,7 @@ def build(args, accelerator) -> Training:
     return Training(accelerator, pipe, family, models, model, optimizer, lr_scheduler, noise_scheduler,
                     prediction_type, **data, params=[p for g in optimizer.param_groups for p in g["params"]],
                     validation_every=every, class_images_generated=generated, class_images_s=class_s, flow=flow,
-                    dtypes=dtypes, savers=savers)
+                    dtypes=dtypes, savers=savers, repo_id=repo_id)
 
 
 def prepare(accelerator, models: dict, optimizer, scheduler, args) -> tuple:
@@ -446,9 +450,30 @@ def finish(t: Training, args, state: dict) -> dict:
         metrics.update(save_outputs(t.pipe, models, t.family, args, written))
         write_json(output_dir / "metrics.json", dict(metrics, history=state["history"]))
         write_csv(output_dir / "metrics.csv", state["history"])
+        write_card(output_dir, args, metrics, t.repo_id)
+        metrics["pushed"] = run_hub.publish(output_dir, t.repo_id, args)
     t.accelerator.wait_for_everyone()
     t.accelerator.end_training()
     return metrics
+
+
+def write_card(output_dir: Path, args, metrics: dict, repo_id: str | None) -> Path:
+    """README.md, the run's model card: the adapters, the LoRA files, the metrics, the last validation grid."""
+    from psoft_vision.card import write_model_card
+
+    files = card_files({k: v for k, v in metrics.items() if k in ("lora", "kohya") or k.startswith("adapter")},
+                       output_dir)
+    last = Path(metrics["validation"][-1]).relative_to(output_dir).as_posix() if metrics["validation"] else None
+    numbers = {"family": metrics["family"], "steps": metrics["steps"], "final loss": metrics["final_loss"],
+               "learning rate": args.learning_rate, "batch size": args.train_batch_size,
+               "gradient accumulation": args.gradient_accumulation_steps, "resolution": args.resolution,
+               "prior preservation": args.with_prior_preservation, "mixed precision": args.mixed_precision,
+               "training time (s)": metrics["train_s"], "peak memory (MiB)": metrics["peak_mib"]}
+    return write_model_card(output_dir, files, library="diffusers", task="text-to-image",
+                            base_model=args.pretrained_model_name_or_path, repo_id=repo_id,
+                            trained=f"PEFT LoRA, rank {args.lora_rank}", trainable=metrics["trainable"],
+                            metrics=numbers, instance_prompt=args.instance_prompt,
+                            samples=[(args.validation_prompt, last)] if last else [])
 
 
 def tracker_config(args) -> dict:
@@ -491,6 +516,8 @@ def main(argv=None) -> dict:
         print(f"dreambooth {args.method} ({metrics['family']}): {metrics['trainable']:,} trainable, "
               f"{metrics['steps']} steps in {metrics['train_s']:.0f} s, peak {metrics['peak_mib']:.0f} MiB, final "
               f"loss {metrics['final_loss']:.4f}; saved {metrics.get('adapter', metrics['lora'])}")
+        if metrics.get("pushed"):
+            print(f"uploaded {args.output_dir} to {metrics['pushed']}")
     return metrics
 
 
