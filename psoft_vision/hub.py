@@ -45,16 +45,20 @@ def _offline() -> bool:
     return bool(huggingface_hub().constants.HF_HUB_OFFLINE)
 
 
+def _chain(error: BaseException) -> list[BaseException]:
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
 def _translated(error: BaseException, repo_id: str, revision: str | None, filename: str | None,
                 cache_dir: str | os.PathLike | None) -> HubError | None:
     """The named error for a huggingface_hub failure anywhere in ``error``'s chain (diffusers and timm wrap them)."""
     errors = huggingface_hub().errors
     what = _described(repo_id, revision, filename)
-    chain = []
-    while error is not None and error not in chain:
-        chain.append(error)
-        error = error.__cause__ or error.__context__
-    for cause in chain:
+    for cause in _chain(error):
         if isinstance(cause, errors.GatedRepoError):
             return HubAccessError(f"{what} is gated: accept its conditions on its hub page while logged in, then "
                                   "log in here too (`hf auth login`, or the HF_TOKEN environment variable).")
@@ -76,16 +80,32 @@ def _translated(error: BaseException, repo_id: str, revision: str | None, filena
     return None
 
 
+def _upload_translated(error: BaseException, repo_id: str) -> HubError | None:
+    errors = huggingface_hub().errors
+    for cause in _chain(error):
+        if isinstance(cause, errors.OfflineModeIsEnabled):
+            return HubOfflineError(f"cannot upload to hub repository {repo_id!r}: HF_HUB_OFFLINE=1 is set; unset it "
+                                   "on a machine with network.")
+        if isinstance(cause, errors.HfHubHTTPError):
+            status = getattr(cause.response, "status_code", "?")
+            return HubAccessError(f"the hub refused the upload to {repo_id!r} (HTTP {status}: "
+                                  f"{cause.server_message or cause}); log in with a token that may write there "
+                                  "(`hf auth login`, HF_TOKEN or --hub_token), or choose a repository of yours.")
+    return None
+
+
 @contextlib.contextmanager
 def hub_errors(repo_id: str, revision: str | None = None, filename: str | None = None,
-               cache_dir: str | os.PathLike | None = None):
-    """Turn huggingface_hub's failures inside the block (also those diffusers or timm wrap) into named HubErrors."""
+               cache_dir: str | os.PathLike | None = None, upload: bool = False):
+    """Turn huggingface_hub's failures inside the block (also those diffusers or timm wrap) into named HubErrors:
+    of a download, or with ``upload`` of an upload."""
     try:
         yield
     except HubError:
         raise
     except Exception as error:
-        named = _translated(error, repo_id, revision, filename, cache_dir)
+        named = _upload_translated(error, repo_id) if upload else \
+            _translated(error, repo_id, revision, filename, cache_dir)
         if named is None:
             raise
         raise named from error
@@ -107,7 +127,10 @@ def adapter_file(path_or_repo: str | os.PathLike, weight_name: str | None = None
     if not is_hub_id(path_or_repo):
         path = Path(path_or_repo)
         return path / (weight_name or DEFAULT_WEIGHT_NAME) if path.is_dir() and weight_name else path
-    return hub_file(os.fspath(path_or_repo), weight_name or DEFAULT_WEIGHT_NAME, revision, cache_dir, token)
+    try:
+        return hub_file(os.fspath(path_or_repo), weight_name or DEFAULT_WEIGHT_NAME, revision, cache_dir, token)
+    except HubError as error:  # a mistyped local path has the form of a repository id too: say both were tried
+        raise type(error)(f"{os.fspath(path_or_repo)!r} is not on disk; as a hub id: {error}") from error.__cause__
 
 
 # ------------------------------------------------------------------------------------------------------- uploads
@@ -115,7 +138,7 @@ def create_repo(repo_id: str, token: str | None = None, private: bool | None = N
     """Create model repository ``repo_id`` (kept if it exists); returns its full id (``org/name``: a bare name
     goes under the token's user)."""
     hub = huggingface_hub()
-    with hub_errors(repo_id):
+    with hub_errors(repo_id, upload=True):
         return hub.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True).repo_id
 
 
@@ -123,7 +146,7 @@ def upload_folder(folder: str | os.PathLike, repo_id: str, token: str | None = N
                   commit_message: str | None = None, ignore_patterns: list[str] | None = None) -> str:
     """Upload ``folder`` as it is to the root of model repository ``repo_id`` in one commit; returns its URL."""
     hub = huggingface_hub()
-    with hub_errors(repo_id):
+    with hub_errors(repo_id, upload=True):
         info = hub.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", token=token,
                                  commit_message=commit_message or "Upload with psoft_vision",
                                  ignore_patterns=ignore_patterns)
