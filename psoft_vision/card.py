@@ -8,6 +8,7 @@ YAML is written by hand (JSON strings are YAML strings): cards need no dependenc
 """
 
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -63,10 +64,7 @@ class AdapterSummary:
         """Numbers trained in full per ``train_modules`` module (a new classifier head, say)."""
         counts = Counter()
         for key, shape in self.module_shapes.items():
-            n = 1
-            for size in shape:
-                n *= size
-            counts[key.rsplit(".", 1)[0]] += n
+            counts[key.rsplit(".", 1)[0]] += math.prod(shape)
         return counts
 
     def targets(self) -> str:

@@ -251,6 +251,18 @@ def test_dreambooth_trains_a_hub_pipeline_at_a_revision_offline_and_its_folder_l
     with torch.no_grad():
         torch.testing.assert_close(plain.unet(*sample).sample, pipe.unet(*sample).sample, rtol=1e-4, atol=1e-5)
 
+    # the app takes the same hub ids
+    from apps import gradio_app as app
+
+    def app_args(*extra):
+        return app.build_parser().parse_args(["--pipeline", "someone/tiny-t2i", "--revision", "v1", "--no-classify",
+                                              "--device", "cpu", *extra])
+
+    generation, _, _ = app.load_models(app_args("--adapter", "someone/run"))
+    assert generation.adapter.name is not None and generation.adapter.card.summary.title == "PSOFT, rank 4"
+    with pytest.raises(SystemExit, match=r"--adapter 'someone/nothing' did not load \(HubOfflineError: "):
+        app.load_models(app_args("--adapter", "someone/nothing"))
+
 
 # -------------------------------------------------------------------------------------------------- the card
 def check_card(folder: Path) -> ModelCard:
