@@ -192,7 +192,9 @@ def write_model_card(folder: str | os.PathLike, files: dict[str, str], **card) -
 
 
 def describe_base(model: nn.Module) -> tuple[str | None, str | None]:
-    """``(library, base model name)`` of a model: timm's hub id (or name), or diffusers' ``_name_or_path``."""
+    """``(library, base model name)`` of a model: timm's hub id (or architecture), or the hub id a diffusers model
+    was loaded from (not a local folder, which means nothing elsewhere)."""
+    from .hub import is_hub_id
     from .targets.structure import is_diffusers_model
 
     cfg = getattr(model, "pretrained_cfg", None)
@@ -200,7 +202,8 @@ def describe_base(model: nn.Module) -> tuple[str | None, str | None]:
         name = cfg.get("hf_hub_id") or cfg.get("architecture")
         return "timm", name.split("@")[0] if name else None
     if is_diffusers_model(model):
-        return "diffusers", model.config.get("_name_or_path") or None
+        name = model.config.get("_name_or_path")
+        return "diffusers", name if name and is_hub_id(name) else None
     return None, None
 
 

@@ -122,11 +122,12 @@ def hub_file(repo_id: str, filename: str, revision: str | None = None, cache_dir
 def adapter_file(path_or_repo: str | os.PathLike, weight_name: str | None = None, revision: str | None = None,
                  cache_dir: str | os.PathLike | None = None, token: str | None = None) -> Path:
     """The local adapter file that ``path_or_repo`` names: a file; a folder (or hub repository) and its
-    ``weight_name`` (default ``adapter.safetensors``, what the trainers write). A path that is neither on disk nor
-    a repository id is returned as it is, for the loader to report."""
+    ``weight_name`` (default ``adapter.safetensors``, what the trainers write). Anything else (a missing path, a
+    folder of another tool) is returned as it is, for the loader to say what it is."""
     if not is_hub_id(path_or_repo):
         path = Path(path_or_repo)
-        return path / (weight_name or DEFAULT_WEIGHT_NAME) if path.is_dir() and weight_name else path
+        inside = path / (weight_name or DEFAULT_WEIGHT_NAME)
+        return inside if path.is_dir() and (weight_name or inside.is_file()) else path
     try:
         return hub_file(os.fspath(path_or_repo), weight_name or DEFAULT_WEIGHT_NAME, revision, cache_dir, token)
     except HubError as error:  # a mistyped local path has the form of a repository id too: say both were tried

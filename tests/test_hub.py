@@ -94,9 +94,10 @@ def test_adapter_repository_loads_by_hub_id_at_each_revision_offline(offline_cac
         torch.testing.assert_close(loaded(revision=main), expected_first, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(loaded(weight_name="weights/other.safetensors"), expected_first, rtol=1e-5,
                                    atol=1e-6)
-        # a local folder takes a weight_name the same way
-        local = pv.load_adapter(tiny_model(), tmp_path / "v1", weight_name="adapter.safetensors")(x)
-        torch.testing.assert_close(local, expected_second, rtol=1e-5, atol=1e-6)
+        # a local folder takes a weight_name the same way, and its adapter.safetensors without one
+        for where in (dict(weight_name="adapter.safetensors"), dict()):
+            local = pv.load_adapter(tiny_model(), tmp_path / "v1", **where)(x)
+            torch.testing.assert_close(local, expected_second, rtol=1e-5, atol=1e-6)
     assert not (offline_cache / "models--someone--adapter" / "refs" / "v2").exists()
 
 
@@ -292,8 +293,11 @@ def test_save_adapter_writes_a_card_beside_the_file(tmp_path):
     card = check_card(path.parent)
     assert card.data.base_model == "timm/vit_tiny_patch16_224.augreg_in21k" and card.data.library_name == "timm"
     assert 'timm.create_model("timm/vit_tiny_patch16_224.augreg_in21k", pretrained=True, num_classes=3)' in card.text
-    assert "| `adapter.safetensors` | PSOFT, rank 4 | 4 layers: " in card.text
-    assert f"+ {3 * 192 + 3:,} in `head` |" in card.text
+    adapter = sum(p.numel() for _, layer in pv.adapted_layers(model) for p in layer.adapters["default"].parameters())
+    layers = len(list(pv.adapted_layers(model)))
+    # the file also holds each layer's anchor (a sketch of its subspace), which is not trained: not counted
+    assert f"| `adapter.safetensors` | PSOFT, rank 4 | {layers} layers: " in card.text
+    assert f" | {adapter:,} + {3 * 192 + 3:,} in `head` |" in card.text
 
 
 # -------------------------------------------------------------------------------------------------- uploads
