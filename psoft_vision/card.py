@@ -127,16 +127,14 @@ def _load_code(kind: str, file: str, library: str | None, repo: str, base: str, 
 
 def model_card(files: dict[str, str], *, library: str | None = None, task: str | None = None,
                base_model: str | None = None, base_name: str | None = None, repo_id: str | None = None,
-               folder: str | os.PathLike = ".",
-               trained: str | None = None, trainable: int | None = None, metrics: dict | None = None,
-               instance_prompt: str | None = None, samples: list[tuple[str, str]] = (),
+               folder: str | os.PathLike = ".", trained: str | None = None, trainable: int | None = None,
+               metrics: dict | None = None, instance_prompt: str | None = None, samples: list[tuple[str, str]] = (),
                num_classes: int | None = None) -> str:
     """The text of a model card for the files of ``folder`` (``{path in the folder: kind}``, kinds of
     :data:`KINDS`). ``base_model``: the hub id of the base (the front matter's); ``base_name``: how the snippets
     load the base, when that differs (a timm name with its tag); ``repo_id``: the repository the folder goes to (else
-    the snippets load from the folder);
-    ``trained``: the method in words where no psoft_vision adapter file tells it; ``samples``: ``(prompt, image
-    path)`` pairs, the widget; ``metrics``: ``{label: value}`` of the run."""
+    the snippets load from the folder); ``trained``: the method in words where no psoft_vision adapter file tells
+    it; ``samples``: ``(prompt, image path)`` pairs, the widget; ``metrics``: ``{label: value}`` of the run."""
     from .hub import is_hub_id
 
     folder = Path(folder)
@@ -152,8 +150,8 @@ def model_card(files: dict[str, str], *, library: str | None = None, task: str |
     title = (summaries[next(iter(summaries))].title if summaries else trained) or "Adapter"
     repo = repo_id or str(folder)
     parts = [f"---\n{_yaml(metadata)}\n---", f"# {title} on {base}",
-             f"Orthogonal fine-tuning of `{base}`{' for ' + task if task else ''}, trained with psoft-vision "
-             "(`pip install psoft-vision`)."]
+             f"Fine-tuned from `{base}`{' for ' + task if task else ''} with psoft-vision (`pip install "
+             "psoft-vision`)."]
     parts += _trained_section(summaries, trained, trainable, instance_prompt)
     if metrics:
         parts.append("## Metrics\n\n| metric | value |\n|---|---|\n" + "\n".join(

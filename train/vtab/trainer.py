@@ -9,8 +9,9 @@ With no arguments: the project's offline backbone (assets/) fine-tuned with PSOF
 
 Protocols: "select" trains on train800, keeps the epoch with the best val200 accuracy and tests it; "final"
 trains on train800val200 and tests the last epoch. The output folder gets metrics.json, metrics.csv, curve.png,
-the adapter (registered methods: adapter.safetensors; PEFT: adapter/; full and linear: trainable.safetensors) and
-checkpoint/, from which --resume continues after an interruption exactly as if none had happened.
+the adapter (registered methods: adapter.safetensors; PEFT: adapter/; full and linear: trainable.safetensors),
+README.md (the model card) and checkpoint/, from which --resume continues after an interruption exactly as if none
+had happened; --push-to-hub uploads the folder to a hub repository.
 """
 
 import argparse
