@@ -38,7 +38,7 @@ from PIL import Image
 import psoft_vision as pv
 from psoft_vision.card import AdapterSummary
 from psoft_vision.diffusers import denoiser, load_adapter_into_pipeline
-from psoft_vision.hub import adapter_file, hub_errors
+from psoft_vision.hub import adapter_file, hub_errors, timm_hub_id
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_PIPELINE = ASSETS / "tiny-t2i"
@@ -239,7 +239,7 @@ class Classification:
 
         if name == DEFAULT_CLASSIFIER:
             import train.offline.backbone  # noqa: F401 - registers the project's offline backbone with timm
-        with hub_errors(name.removeprefix("hf-hub:"), cache_dir=cache_dir):
+        with hub_errors(timm_hub_id(name) or name, cache_dir=cache_dir):
             model = timm.create_model(name, pretrained=True, cache_dir=cache_dir)
         return cls(model.to(device), class_names)
 

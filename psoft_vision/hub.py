@@ -134,6 +134,21 @@ def adapter_file(path_or_repo: str | os.PathLike, weight_name: str | None = None
         raise type(error)(f"{os.fspath(path_or_repo)!r} is not on disk; as a hub id: {error}") from error.__cause__
 
 
+def timm_hub_id(model_name: str) -> str | None:
+    """The hub repository a timm model name's weights come from: ``hf-hub:org/name``'s, or the one its
+    pretrained_cfg names (``vit_base_patch16_224.augreg_in21k``: ``timm/vit_base_patch16_224.augreg_in21k``); None
+    for weights from elsewhere (a local file, a URL) and for names timm does not know."""
+    import timm
+
+    source, name = timm.models.parse_model_name(model_name)
+    if source == "hf-hub":
+        return name.split("@")[0]
+    try:
+        return timm.models.get_pretrained_cfg(name).hf_hub_id
+    except (AttributeError, RuntimeError):  # no such name, or no pretrained configs: create_model will say so
+        return None
+
+
 # ------------------------------------------------------------------------------------------------------- uploads
 def create_repo(repo_id: str, token: str | None = None, private: bool | None = None) -> str:
     """Create model repository ``repo_id`` (kept if it exists); returns its full id (``org/name``: a bare name

@@ -162,19 +162,18 @@ def test_timm_models_resolve_by_hub_id_and_revision_in_the_vtab_trainer(offline_
 
     # a timm name with a tag: its weights come from the repository its pretrained_cfg names, at --revision
     import timm
+    from safetensors.torch import save_file
 
     tiny = "vit_tiny_patch16_224.augreg_in21k"
     torch.manual_seed(3)
-    reference = timm.create_model(tiny, depth=1)
+    reference = timm.create_model(tiny).state_dict()
     (tmp_path / "tiny").mkdir()
-    from safetensors.torch import save_file
-
-    save_file(reference.state_dict(), tmp_path / "tiny" / "model.safetensors")
-    lay_out(offline_cache, vtab.hub_id(tiny), tmp_path / "tiny", revision="v1")
-    args = vtab.parse_args(["--model", tiny, "--revision", "v1"])
-    model = timm.create_model(tiny, depth=1, pretrained=True, cache_dir=args.cache_dir,
-                              pretrained_cfg_overlay=dict(hf_hub_id=f"{vtab.hub_id(tiny)}@v1"))
-    assert all(torch.equal(model.state_dict()[k], w) for k, w in reference.state_dict().items())
+    save_file(reference, tmp_path / "tiny" / "model.safetensors")
+    lay_out(offline_cache, "timm/vit_tiny_patch16_224.augreg_in21k", tmp_path / "tiny", revision="v1")
+    model = vtab.create_model(vtab.parse_args(["--model", tiny, "--revision", "v1"]), num_classes=5)
+    assert all(torch.equal(w, reference[k]) for k, w in model.state_dict().items() if not k.startswith("head."))
+    with pytest.raises(pv.HubOfflineError, match=r"'timm/vit_tiny_patch16_224.augreg_in21k' \(revision 'main'\)"):
+        vtab.create_model(vtab.parse_args(["--model", tiny]), num_classes=5)
 
     out = tmp_path / "run"
     metrics = vtab.main(["--model", "hf-hub:someone/pico", "--revision", "v1", "--task", "rotation", "--epochs", "1",

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
 import psoft_vision as pv
-from psoft_vision.hub import hub_errors
+from psoft_vision.hub import hub_errors, timm_hub_id
 
 from ..common import hub as run_hub
 from ..common.checkpoint import find_checkpoint, load_checkpoint, write_checkpoint
@@ -160,21 +160,10 @@ class TrainerFlagError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------- building
-def hub_id(model: str) -> str | None:
-    """The hub repository a timm model name's weights come from: ``hf-hub:org/name``'s, or its pretrained_cfg's."""
-    source, name = timm.models.parse_model_name(model)
-    if source == "hf-hub":
-        return name.split("@")[0]
-    try:
-        return timm.models.get_pretrained_cfg(name).hf_hub_id
-    except (AttributeError, RuntimeError):  # an unknown name, or one without pretrained configs: create_model says
-        return None
-
-
 def create_model(args, num_classes: int):
     """The timm model with --model's weights: from --weights, else through timm's own hub resolution (at --revision,
     in --cache-dir; failures are psoft_vision HubErrors)."""
-    name, overlay, repo = args.model, None, hub_id(args.model)
+    name, overlay, repo = args.model, None, timm_hub_id(args.model)
     if args.weights is not None:
         if not args.weights.is_file():
             raise FileNotFoundError(f"--weights {args.weights} does not exist; give a .safetensors/.pth file")
@@ -542,7 +531,7 @@ def write_card(output_dir: Path, args, metrics: dict, repo_id: str | None) -> Pa
                "head learning rate": args.head_lr, "batch size": args.batch_size,
                "training time (s)": metrics["train_s"]}
     return write_model_card(output_dir, {saved.relative_to(output_dir).as_posix(): kind}, library="timm",
-                            task="image-classification", base_model=hub_id(args.model), base_name=args.model,
+                            task="image-classification", base_model=timm_hub_id(args.model), base_name=args.model,
                             repo_id=repo_id, trained=BASELINE_NAMES.get(args.method), num_classes=metrics["classes"],
                             trainable=metrics["trainable"] + metrics["head_params"],
                             metrics={k: v for k, v in numbers.items() if v is not None})
