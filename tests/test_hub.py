@@ -327,6 +327,10 @@ class RecordingHub:
                                               f"{url.split('/')[4]}/commit/0123", "commitOid": "0123"})
         return httpx2.Response(404, json={"error": f"not answered by the test: {url}"})
 
+    def calls(self) -> list[str]:
+        """The paths of the repository calls, in order (huggingface_hub may also fetch registries of its own)."""
+        return [r.url.path for r in self.requests if r.url.path.startswith(("/api/repos/", "/api/models/"))]
+
     def created(self) -> list[dict]:
         return [json.loads(r.content) for r in self.requests if r.url.path == "/api/repos/create"]
 
@@ -362,7 +366,8 @@ def test_push_to_hub_uploads_a_folder_as_it_is_or_a_model_with_its_card(recordin
     path, files = recording_hub.uploaded()
     assert path == "/api/models/someone/pushed/commit/main"
     assert files == {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-    assert all(r.headers["authorization"] == "Bearer hf_secret" for r in recording_hub.requests)
+    assert all(r.headers["authorization"] == "Bearer hf_secret" for r in recording_hub.requests
+               if r.url.path.startswith(("/api/repos/", "/api/models/")))
 
     recording_hub.requests.clear()
     model = adapted(2)
@@ -399,10 +404,35 @@ def test_trainers_push_their_output_folder_without_the_checkpoint_or_the_token(r
     metrics = vtab.main(["--task", "rotation", "--epochs", "1", "--quiet", "--output-dir", str(out), "--push-to-hub",
                          "--hub-model-id", "someone/vtab-run", "--hub-token", "hf_secret"])
     assert metrics["pushed"] == "https://huggingface.co/someone/vtab-run/commit/0123"
-    assert recording_hub.requests[0].url.path == "/api/repos/create"  # before training: a bad token fails at once
+    assert recording_hub.calls() == ["/api/repos/create", "/api/models/someone/vtab-run/preupload/main",
+                                     "/api/models/someone/vtab-run/commit/main"]  # made first: a bad token fails early
     path, files = recording_hub.uploaded()
     assert path == "/api/models/someone/vtab-run/commit/main"
     assert set(files) == {"README.md", "adapter.safetensors", "metrics.json", "metrics.csv", "curve.png"}
     assert (out / "checkpoint").is_dir() and all(files[name] == (out / name).read_bytes() for name in files)
     assert not any(b"hf_secret" in data for data in files.values())
     assert "hf_secret" not in (out / "checkpoint" / "run_args.json").read_text()
+
+
+def test_dreambooth_pushes_its_output_folder_without_checkpoint_class_images_or_token(recording_hub, pipeline_cache):
+    from train.dreambooth import trainer as dreambooth
+
+    root, _ = pipeline_cache
+    out = root / "pushed-run"
+    metrics = dreambooth.main(["--pretrained_model_name_or_path", str(root / "v1"), "--instance_data_dir",
+                               str(root / "subject"), "--output_dir", str(out), "--num_class_images", "2",
+                               "--sample_batch_size", "2", "--train_batch_size", "2", "--max_train_steps", "1",
+                               "--num_inference_steps", "2", "--num_validation_images", "2", "--quiet", "--method",
+                               "oft", "--push_to_hub", "--hub_model_id", "someone/db-run", "--hub_token", "hf_secret"])
+    assert metrics["pushed"] == "https://huggingface.co/someone/db-run/commit/0123"
+    assert recording_hub.calls()[0] == "/api/repos/create"
+    path, files = recording_hub.uploaded()
+    assert path == "/api/models/someone/db-run/commit/main"
+    assert set(files) == {"README.md", "adapter.safetensors", "lora/pytorch_lora_weights.safetensors",
+                          "lora/kohya.safetensors", "validation/step-000001.png", "metrics.json", "metrics.csv"}
+    assert (out / "class_images").is_dir() and (out / "checkpoint").is_dir()
+    assert all(files[name] == (out / name).read_bytes() for name in files)
+    assert not any(b"hf_secret" in data for data in files.values())
+    card = check_card(out)
+    assert {"oft", "lora", "dreambooth"} <= set(card.data.tags) and card.data.base_model is None  # a local base
+    assert 'load_adapter_into_pipeline(pipe, "someone/db-run", weight_name="adapter.safetensors")' in card.text
