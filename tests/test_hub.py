@@ -120,6 +120,13 @@ def test_hub_failures_are_named_errors_that_say_what_was_tried(offline_cache, tm
     # a missing local path that cannot be a repository id is reported by the loader as before
     with pytest.raises(pv.AdapterFileError, match="does not exist"):
         pv.load_adapter(model, tmp_path / "nowhere" / "adapter.safetensors")
+    # an upload that cannot happen fails before the run starts, and leaves nothing behind
+    from train.vtab import trainer as vtab
+
+    out = tmp_path / "never"
+    with pytest.raises(pv.HubOfflineError, match="cannot upload to hub repository 'someone/run': HF_HUB_OFFLINE=1"):
+        vtab.main(["--output-dir", str(out), "--push-to-hub", "--hub-model-id", "someone/run", "--quiet"])
+    assert not out.exists()
 
 
 def test_missing_huggingface_hub_names_the_extra_and_the_core_never_imports_it(monkeypatch):
