@@ -216,6 +216,8 @@ def test_bad_input_raises_named_errors(pipe_dir, subject_dir, class_dir, tmp_pat
         run("--method", "boft")
     with pytest.raises(dreambooth.DreamBoothError, match="model_index.json"):
         run(pipe=subject_dir)
+    with pytest.raises(dreambooth.DreamBoothError, match="neither a folder nor a hub id"):
+        run(pipe=tmp_path / "no-such-pipeline")  # hub ids: tests/test_hub.py
     with pytest.raises(dreambooth.DreamBoothError, match="not a checkpoint"):
         run("--resume_from_checkpoint", str(subject_dir))
     with pytest.raises(dreambooth.DreamBoothError, match="at least 1"):
