@@ -1,8 +1,11 @@
 """A page that shows what an adapter does: the base model and the adapted one side by side.
 
     python -m apps.gradio_app                      # the embedded assets; works offline on a fresh machine
-    python -m apps.gradio_app --pipeline ./sd15 --adapter subject.safetensors \\
-        --classifier-model vit_base_patch16_224.augreg_in21k --classifier-adapter cifar100.safetensors
+    python -m apps.gradio_app --pipeline stable-diffusion-v1-5/stable-diffusion-v1-5 --adapter someone/sks-dog \\
+        --classifier-model vit_base_patch16_224.augreg_in21k --classifier-adapter ./cifar100.safetensors
+
+Models and adapters are local paths or hub ids (downloaded into huggingface_hub's cache; HF_HUB_OFFLINE=1 reads
+the cache alone).
 
 "Generate" samples one seed twice, with the adapter off and on at the chosen strength (``set_strength``), and exports
 the adapter as a LoRA file that diffusers' ``load_lora_weights`` reads. "Classify" shows the top-5 of the pretrained
@@ -14,15 +17,13 @@ The server listens on 127.0.0.1 unless ``--host`` says otherwise and is never sh
 
 import os
 
-# Read by huggingface_hub and gradio when they are imported: set first, and only where the user has not.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Read by gradio when it is imported: set first, and only where the user has not.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import argparse
 import copy
 import functools
 import math
-import re
 import tempfile
 import threading
 from collections import Counter
@@ -35,7 +36,9 @@ import torch
 from PIL import Image
 
 import psoft_vision as pv
+from psoft_vision.card import AdapterSummary
 from psoft_vision.diffusers import denoiser, load_adapter_into_pipeline
+from psoft_vision.hub import adapter_file, hub_errors, timm_hub_id
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_PIPELINE = ASSETS / "tiny-t2i"
@@ -58,39 +61,20 @@ class AdapterCard:
     """What the adapter panel shows about one adapter file."""
 
     path: Path
-    method: str
-    title: str  # "PSOFT, rank 24": the method and its size setting
-    adapter_parameters: int
-    module_shapes: dict[str, tuple[int, ...]]  # "head.weight": (8, 128), of the train_modules saved with the adapter
-    layer_kinds: Counter
+    summary: AdapterSummary  # method, size, parameters and targets, as the model cards give them
     file_bytes: int
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "AdapterCard":
-        header, tensors = pv.read_adapter(path)
-        title = pv.get_method(header["method"]).describe_config(header["config"])
-        bases = {f"{layer}.{basis}" for layer in header["layers"] for basis in ("A", "B")} \
-            if header["include_bases"] else set()
-        module_shapes = {key.removeprefix("train_modules."): tuple(tensor.shape) for key, tensor in tensors.items()
-                         if key.startswith("train_modules.")}
-        adapter_parameters = sum(tensor.numel() for key, tensor in tensors.items()
-                                 if not key.startswith("train_modules.") and key not in bases)
-        # "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q" -> "attn1.to_q": the kind of layer
-        kinds = Counter(re.split(r"\.\d+\.", layer)[-1] for layer in header["layers"])
-        return cls(Path(path), header["method"], title, adapter_parameters, module_shapes, kinds,
-                   Path(path).stat().st_size)
+        return cls(Path(path), AdapterSummary.read(path), Path(path).stat().st_size)
 
     def markdown(self) -> str:
-        per_module = Counter()
-        for key, shape in self.module_shapes.items():
-            per_module[key.rsplit(".", 1)[0]] += math.prod(shape)
-        modules = "".join(f" + {n:,} in `{name}`" for name, n in per_module.items())
-        targets = ", ".join(f"`{kind}` x{n}" for kind, n in sorted(self.layer_kinds.items()))
+        modules = "".join(f" + {n:,} in `{name}`" for name, n in self.summary.module_parameters.items())
         return "\n".join([
             f"| adapter file | `{self.path.name}` |", "|---|---|",
-            f"| method | {self.title} |",
-            f"| trainable parameters | {self.adapter_parameters:,}{modules} |",
-            f"| targets | {sum(self.layer_kinds.values())} layers: {targets} |",
+            f"| method | {self.summary.title} |",
+            f"| trainable parameters | {self.summary.adapter_parameters:,}{modules} |",
+            f"| targets | {self.summary.targets()} |",
             f"| file size | {_file_size(self.file_bytes)} |",
         ])
 
@@ -158,10 +142,13 @@ class Generation:
         self.export_dir = Path(tempfile.mkdtemp(prefix="psoft-vision-app-"))
 
     @classmethod
-    def from_pretrained(cls, pipeline: str | os.PathLike, device: str, dtype: torch.dtype) -> "Generation":
+    def from_pretrained(cls, pipeline: str | os.PathLike, device: str, dtype: torch.dtype,
+                        **hub_kwargs) -> "Generation":
+        """A pipeline folder or hub id; ``hub_kwargs``: diffusers' ``revision``, ``variant``, ``cache_dir``."""
         import diffusers
 
-        pipe = diffusers.DiffusionPipeline.from_pretrained(pipeline, dtype=dtype).to(device)
+        with hub_errors(str(pipeline), hub_kwargs.get("revision"), cache_dir=hub_kwargs.get("cache_dir")):
+            pipe = diffusers.DiffusionPipeline.from_pretrained(pipeline, dtype=dtype, **hub_kwargs).to(device)
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe)
 
@@ -211,7 +198,7 @@ class Generation:
         with self.adapter.lock:
             pv.set_strength(self.adapter.model, strength, self.adapter.name)
             return pv.export_lora(self.adapter.model, path, format="diffusers", name=self.adapter.name,
-                                  full_deltas=not pv.get_method(card.method).low_rank)
+                                  full_deltas=not pv.get_method(card.summary.method).low_rank)
 
 
 # --------------------------------------------------------------------------------------------- classification
@@ -245,12 +232,16 @@ class Classification:
         self.labels: list[str] = []
 
     @classmethod
-    def from_pretrained(cls, name: str, device: str, class_names: list[str] | None = None) -> "Classification":
+    def from_pretrained(cls, name: str, device: str, class_names: list[str] | None = None,
+                        cache_dir: str | None = None) -> "Classification":
+        """A timm model name with tag, or ``hf-hub:org/name``, with its pretrained weights (through the hub's cache)."""
         import timm
 
         if name == DEFAULT_CLASSIFIER:
             import train.offline.backbone  # noqa: F401 - registers the project's offline backbone with timm
-        return cls(timm.create_model(name, pretrained=True).to(device), class_names)
+        with hub_errors(timm_hub_id(name) or name, cache_dir=cache_dir):
+            model = timm.create_model(name, pretrained=True, cache_dir=cache_dir)
+        return cls(model.to(device), class_names)
 
     def load_adapter(self, path) -> str:
         """The adapter goes on a fresh copy of the base, with a new head when the file carries one of another size."""
@@ -259,7 +250,7 @@ class Classification:
         def attach(name, card):
             model = copy.deepcopy(self.base)
             head = model.pretrained_cfg.get("classifier")
-            head_shape = card.module_shapes.get(f"{head}.weight") if isinstance(head, str) else None
+            head_shape = card.summary.module_shapes.get(f"{head}.weight") if isinstance(head, str) else None
             if head_shape is not None and head_shape[0] != model.num_classes:
                 model.reset_classifier(head_shape[0])
             pv.load_adapter(model, path, name=name)
@@ -400,15 +391,23 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="With no model arguments the page uses the embedded assets: assets/tiny-t2i with "
                "assets/dreambooth-psoft.safetensors, and vit_pico_patch8_32.fmnist with "
-               "assets/vtab-photo-crops-psoft.safetensors. HF_HUB_OFFLINE=1 unless set: hub names load from the "
-               "local cache.")
-    parser.add_argument("--pipeline", help="diffusers pipeline folder or hub name (default: the embedded tiny-t2i)")
-    parser.add_argument("--adapter", type=Path, help="psoft_vision adapter file for the pipeline's denoiser "
-                        "(default: the embedded DreamBooth adapter when --pipeline is not given)")
+               "assets/vtab-photo-crops-psoft.safetensors. Hub ids download into huggingface_hub's cache; with "
+               "HF_HUB_OFFLINE=1 they load from the cache alone.")
+    parser.add_argument("--pipeline", help="diffusers pipeline folder or hub id (default: the embedded tiny-t2i)")
+    parser.add_argument("--revision", help="hub revision (branch, tag or commit) of --pipeline")
+    parser.add_argument("--variant", help="weights variant of --pipeline, e.g. fp16")
+    parser.add_argument("--adapter", help="psoft_vision adapter for the pipeline's denoiser: a file, or a folder or "
+                        "hub id holding --adapter-weight-name (default: the embedded DreamBooth adapter when "
+                        "--pipeline is not given)")
+    parser.add_argument("--adapter-weight-name", help="the adapter file in the --adapter folder or repository "
+                        "(default adapter.safetensors, what the trainers write)")
+    parser.add_argument("--adapter-revision", help="hub revision of --adapter")
+    parser.add_argument("--cache-dir", help="the hub cache (default: huggingface_hub's, HF_HUB_CACHE or HF_HOME)")
     parser.add_argument("--classifier-model", help="timm model name with tag (default: the embedded "
                         f"{DEFAULT_CLASSIFIER})")
-    parser.add_argument("--classifier-adapter", type=Path, help="psoft_vision adapter file for the classifier, with "
-                        "its head (default: the embedded photo-crops adapter when --classifier-model is not given)")
+    parser.add_argument("--classifier-adapter", help="psoft_vision adapter for the classifier, with its head: a file, "
+                        "or a folder or hub id holding adapter.safetensors (default: the embedded photo-crops adapter "
+                        "when --classifier-model is not given)")
     parser.add_argument("--classifier-labels", type=Path, help="text file with the adapted classifier's class "
                         "names, one per line in label order (default: the model's own names, else 'class i')")
     parser.add_argument("--no-generate", action="store_true", help="leave out the Generate tab")
@@ -431,6 +430,17 @@ def _read_labels(path: Path | None) -> list[str] | None:
     return names
 
 
+def _adapter_file(flag: str, adapter, weight_name: str | None = None, revision: str | None = None,
+                  cache_dir: str | None = None) -> Path | None:
+    """The local file of an adapter given as a file, a folder or a hub id (fetched into the hub's cache)."""
+    if adapter is None:
+        return None
+    try:
+        return adapter_file(adapter, weight_name, revision, cache_dir)
+    except pv.PSOFTVisionError as error:
+        raise SystemExit(f"{flag} {str(adapter)!r} did not load ({type(error).__name__}: {error})") from error
+
+
 def load_models(args) -> tuple[Generation | None, Classification | None, list[Path]]:
     generation = classification = None
     examples = []
@@ -439,11 +449,13 @@ def load_models(args) -> tuple[Generation | None, Classification | None, list[Pa
         adapter = args.adapter or (DEFAULT_ADAPTER if args.pipeline is None else None)
         print(f"loading pipeline {pipeline} ...", flush=True)
         try:
-            generation = Generation.from_pretrained(pipeline, args.device, getattr(torch, args.dtype))
+            generation = Generation.from_pretrained(pipeline, args.device, getattr(torch, args.dtype),
+                                                    revision=args.revision, variant=args.variant,
+                                                    cache_dir=args.cache_dir)
         except (OSError, ValueError) as error:
             raise SystemExit(f"--pipeline {str(pipeline)!r} did not load ({type(error).__name__}: {error}); pass a "
-                             "folder written by a diffusers pipeline's save_pretrained, or a hub name already in the "
-                             "local cache (HF_HUB_OFFLINE=1 unless you set it).") from error
+                             "folder written by a diffusers pipeline's save_pretrained, or a hub id.") from error
+        adapter = _adapter_file("--adapter", adapter, args.adapter_weight_name, args.adapter_revision, args.cache_dir)
         print(generation.load_adapter(adapter).split("\n\n")[0], flush=True)
     if not args.no_classify:
         name = args.classifier_model or DEFAULT_CLASSIFIER
@@ -455,11 +467,12 @@ def load_models(args) -> tuple[Generation | None, Classification | None, list[Pa
             class_names = class_names or list(TASKS[DEFAULT_CLASSIFIER_TASK].classes)
             examples = example_images(Path(tempfile.mkdtemp(prefix="psoft-vision-examples-")))
         try:
-            classification = Classification.from_pretrained(name, args.device, class_names)
+            classification = Classification.from_pretrained(name, args.device, class_names, args.cache_dir)
         except (OSError, RuntimeError, ValueError) as error:
             raise SystemExit(f"--classifier-model {name!r} did not load ({type(error).__name__}: {error}); pass a "
-                             "timm model name with tag whose weights are in the local cache.") from error
+                             "timm model name with tag, or hf-hub:org/name.") from error
         adapter = args.classifier_adapter or (DEFAULT_CLASSIFIER_ADAPTER if args.classifier_model is None else None)
+        adapter = _adapter_file("--classifier-adapter", adapter, cache_dir=args.cache_dir)
         print(classification.load_adapter(adapter).split("\n\n")[0], flush=True)
     return generation, classification, examples
 

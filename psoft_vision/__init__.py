@@ -11,9 +11,14 @@ from .errors import (
     BaseModelMismatchError,
     BlockSizeError,
     ConfigError,
+    HubAccessError,
+    HubError,
+    HubNotFoundError,
+    HubOfflineError,
     KeyMismatchError,
     LoRAExportError,
     MergeError,
+    MissingExtraError,
     NotLowRankError,
     PSOFTVisionError,
     TargetNotFoundError,
@@ -22,6 +27,7 @@ from .errors import (
 )
 from .export import export_lora
 from .export_oft import export_oft
+from .hub import push_to_hub
 from .inject import inject, trainable_summary
 from .io import load_adapter, read_adapter, save_adapter
 from .layer import AdaptedLayer
@@ -42,10 +48,15 @@ __all__ = [
     "BaseModelMismatchError",
     "BlockSizeError",
     "ConfigError",
+    "HubAccessError",
+    "HubError",
+    "HubNotFoundError",
+    "HubOfflineError",
     "KeyMismatchError",
     "LoRAExportError",
     "MergeError",
     "Method",
+    "MissingExtraError",
     "NotLowRankError",
     "OFTConfig",
     "PSOFTConfig",
@@ -63,6 +74,7 @@ __all__ = [
     "inject",
     "load_adapter",
     "merge",
+    "push_to_hub",
     "quantize_base",
     "read_adapter",
     "register_method",

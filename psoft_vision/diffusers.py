@@ -26,11 +26,13 @@ def denoiser(pipe) -> tuple[nn.Module, str]:
     )
 
 
-def load_adapter_into_pipeline(pipe, path: str | os.PathLike, name: str | None = None, check_base: bool = True):
-    """Load the psoft_vision adapter file at ``path`` onto the pipeline's denoiser (see :func:`denoiser`) with
-    :func:`psoft_vision.io.load_adapter`; returns the pipeline."""
+def load_adapter_into_pipeline(pipe, path: str | os.PathLike, name: str | None = None, check_base: bool = True,
+                               **where):
+    """Load the psoft_vision adapter at ``path`` (a file, or a folder or hub repository id with ``weight_name``,
+    ``revision``, ``cache_dir``, ``token``: see :func:`psoft_vision.io.load_adapter`) onto the pipeline's denoiser
+    (see :func:`denoiser`); returns the pipeline."""
     module, _ = denoiser(pipe)
-    load_adapter(module, path, name=name, check_base=check_base)
+    load_adapter(module, path, name=name, check_base=check_base, **where)
     return pipe
 
 

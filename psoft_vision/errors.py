@@ -58,3 +58,23 @@ class MergeError(PSOFTVisionError, ValueError):
 
 class WeightsNotLoadedError(PSOFTVisionError, RuntimeError):
     """Adapted layers hold weights on the meta device (offloaded by accelerate, or never loaded)."""
+
+
+class MissingExtraError(PSOFTVisionError, ImportError):
+    """An optional dependency is not installed; the message names the extra that installs it."""
+
+
+class HubError(PSOFTVisionError, OSError):
+    """A hub repository, revision or file could not be had; the message names what was tried."""
+
+
+class HubOfflineError(HubError):
+    """No network (or ``HF_HUB_OFFLINE=1``), and what was asked for is not in the local cache."""
+
+
+class HubAccessError(HubError):
+    """A gated or private repository without access, or no repository of that name."""
+
+
+class HubNotFoundError(HubError):
+    """The repository has no such revision or file."""

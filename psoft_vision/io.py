@@ -23,6 +23,7 @@ from .bases import classify, weight_of
 from .errors import AdapterFileError, AdapterVersionError, BaseModelMismatchError, KeyMismatchError
 from .files import atomic_write
 from .fingerprint import fingerprint, mismatch
+from .hub import adapter_file
 from .identify import describe_foreign
 from .inject import inject
 from .layer import AdaptedLayer
@@ -67,13 +68,15 @@ def _file_tensors(model: nn.Module, name: str, train_modules, include_bases: boo
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None,
-                 include_bases: bool = False, anchors: bool = True) -> Path:
+                 include_bases: bool = False, anchors: bool = True, model_card: bool = False) -> Path:
     """Write adapter ``name`` (optional when there is one), its strength and its ``train_modules`` weights.
 
     ``anchors`` (default) stores each adapter's anchors: PSOFT's is a sketch of its subspace (``8 r^2`` bytes
     per layer) that lets :func:`load_adapter` rebuild the subspace the adapter was trained in on a copy of the
     base in another precision (bf16, fp16). ``include_bases=True`` stores the subspace itself instead (``A`` and
     ``B``, as large as the layer's input plus output width times r), for bit-exact reloads anywhere.
+    ``model_card=True`` also writes README.md beside the file (:func:`psoft_vision.card.write_adapter_card`): the
+    folder is then a hub repository, ready for :func:`psoft_vision.push_to_hub`.
     """
     from . import __version__
 
@@ -98,6 +101,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     tensors = {k: t.to("cpu").contiguous() for k, t in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: save_file(tensors, f, metadata={"format": FORMAT, "psoft_vision": json.dumps(header)}))
+    if model_card:
+        from .card import write_adapter_card
+
+        write_adapter_card(model, path)
     return path
 
 
@@ -179,15 +186,20 @@ def _check_base(model: nn.Module, header: dict, path: Path) -> None:
         )
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None,
-                 check_base: bool = True) -> nn.Module:
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None, check_base: bool = True, *,
+                 weight_name: str | None = None, revision: str | None = None,
+                 cache_dir: str | os.PathLike | None = None, token: str | None = None) -> nn.Module:
     """Inject the adapter stored at ``path`` (under its saved name, or ``name``), load its tensors and strength.
+
+    ``path``: an adapter file; or a folder or a hub repository id (``org/name``, fetched through huggingface_hub's
+    cache at ``revision``) and the ``weight_name`` of the file in it (default ``adapter.safetensors``); see
+    :func:`psoft_vision.hub.adapter_file`. Hub failures are :class:`HubError` s that say what was tried.
 
     Raises :class:`AdapterFileError` (missing, truncated, damaged, foreign files: the message says what the file
     is and what loads it), :class:`AdapterVersionError`, :class:`BaseModelMismatchError` (skip the check with
     ``check_base=False``), :class:`KeyMismatchError`; on any error the model is left as it was.
     """
-    path = Path(path)
+    path = adapter_file(path, weight_name, revision, cache_dir, token)
     header, tensors = read_adapter(path)
     name = name or header["name"]
     layers = header["layers"]

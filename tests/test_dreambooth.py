@@ -216,6 +216,8 @@ def test_bad_input_raises_named_errors(pipe_dir, subject_dir, class_dir, tmp_pat
         run("--method", "boft")
     with pytest.raises(dreambooth.DreamBoothError, match="model_index.json"):
         run(pipe=subject_dir)
+    with pytest.raises(dreambooth.DreamBoothError, match="neither a folder nor a hub id"):
+        run(pipe=tmp_path / "no-such-pipeline")  # hub ids: tests/test_hub.py
     with pytest.raises(dreambooth.DreamBoothError, match="not a checkpoint"):
         run("--resume_from_checkpoint", str(subject_dir))
     with pytest.raises(dreambooth.DreamBoothError, match="at least 1"):
@@ -391,8 +393,8 @@ def test_diffusers_flags_we_do_not_take_are_listed_and_refused_with_the_reason(p
     from train.dreambooth.cli import UNSUPPORTED
 
     help_text = dreambooth.build_parser().format_help()
-    assert all(flag in help_text for flag in UNSUPPORTED) and "--push_to_hub: offline" in help_text
-    for flag, reason in [("--center_crop", "always centre-cropped"), ("--push_to_hub", "offline"),
+    assert all(flag in help_text for flag in UNSUPPORTED) and "--optimizer: AdamW" in help_text
+    for flag, reason in [("--center_crop", "always centre-cropped"), ("--prodigy_beta3", "Prodigy"),
                          ("--num_train_epochs", "--max_train_steps")]:
         with pytest.raises(dreambooth.DreamBoothError, match=f"{flag} .*not supported here: .*{reason}"):
             dreambooth.parse_args([flag, "3"] if flag == "--num_train_epochs" else [flag])

@@ -24,6 +24,10 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     atomic_write(path, write)
 
 
+#: Arguments never written to a file (metrics.json and the checkpoint are uploaded with --push_to_hub).
+SECRETS = frozenset({"hub_token"})
+
+
 def recorded_args(args) -> dict:
-    """Parsed arguments as metrics.json records them: paths as strings."""
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    """Parsed arguments as metrics.json records them: paths as strings, secrets left out."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in SECRETS}

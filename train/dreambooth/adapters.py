@@ -119,6 +119,14 @@ def save_outputs(pipe, models: dict, family, args, written: dict[str, Path] | No
     return dict(saved, lora=str(lora), kohya=_kohya(pipe, family, lora.with_name(KOHYA_FILE), method))
 
 
+def card_files(saved: dict, output_dir: Path) -> dict[str, str]:
+    """The files :func:`save_outputs` wrote (its return value), as the model card lists them: ``{path in the output
+    folder: kind}`` (kinds of psoft_vision.card.KINDS)."""
+    kinds = {"lora": "lora", "kohya": "kohya"}
+    return {Path(path).relative_to(output_dir).as_posix(): kinds.get(key, "adapter") for key, path in saved.items()
+            if not str(path).startswith("not written")}
+
+
 def sharded_savers(models: dict, args) -> dict:
     """Under FSDP, before the models are sharded: an AdapterSaver (psoft_vision.distributed) for each, which later
     writes its adapter file from the gathered adapter tensors alone. The PEFT LoRA baseline is not offered there."""
@@ -141,7 +149,8 @@ def unsharded(pipe, models: dict, written: dict[str, Path], args):
     for role, model in models.items():
         if role in written:  # fully_shard made the class FSDP<class>: load the model's own class
             cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
-            fresh = cls.from_pretrained(Path(args.pretrained_model_name_or_path), subfolder=role)
+            fresh = cls.from_pretrained(args.pretrained_model_name_or_path, subfolder=role, revision=args.revision,
+                                        variant=args.variant, cache_dir=args.cache_dir)
             parts[role] = pv.load_adapter(fresh, written[role])
         else:
             parts[role] = model

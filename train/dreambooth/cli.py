@@ -6,6 +6,7 @@ from pathlib import Path
 
 import psoft_vision as pv
 
+from ..common.hub import add_hub_args
 from ..common.methods import method_choices
 from ..common.paths import TINY_T2I
 from .diffusion import WEIGHTING_SCHEMES
@@ -24,9 +25,6 @@ FALLBACK_LR = 1e-2
 
 #: diffusers' DreamBooth flags this trainer does not take, and why (shown by --help; passing one is a named error).
 UNSUPPORTED = {
-    "--revision": "pipelines are local folders: save the revision you want to a folder",
-    "--variant": "pipelines are local folders: save the variant you want to a folder",
-    "--cache_dir": "nothing is downloaded",
     "--dataset_name": "images come from --instance_data_dir (a folder); no datasets library",
     "--dataset_config_name": "images come from --instance_data_dir",
     "--image_column": "images come from --instance_data_dir",
@@ -43,7 +41,6 @@ UNSUPPORTED = {
     "--prodigy_beta3": "Prodigy is not offered", "--prodigy_decouple": "Prodigy is not offered",
     "--prodigy_use_bias_correction": "Prodigy is not offered", "--prodigy_safeguard_warmup": "Prodigy is not offered",
     "--adam_weight_decay_text_encoder": "one --adam_weight_decay for every parameter",
-    "--push_to_hub": "offline: nothing is uploaded", "--hub_token": "offline", "--hub_model_id": "offline",
     "--prior_generation_precision": "class images are generated in the pipeline's training precision",
     "--upcast_before_saving": "adapters are saved in fp32 always",
     "--enable_xformers_memory_efficient_attention": "diffusers uses PyTorch's scaled_dot_product_attention",
@@ -81,9 +78,13 @@ def epilog() -> str:
 
 def _data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and data (diffusers' names)")
-    g.add_argument("--pretrained_model_name_or_path", type=Path, default=DEFAULT_PIPELINE,
-                   help="a local diffusers pipeline folder: Stable Diffusion 1.x/2.x, SDXL, SD3/SD3.5, Flux.1 or "
-                        "Sana (default: the project's assets/tiny-t2i)")
+    g.add_argument("--pretrained_model_name_or_path", default=str(DEFAULT_PIPELINE),
+                   help="a diffusers pipeline: a hub id (org/name) or a local folder; Stable Diffusion 1.x/2.x, SDXL, "
+                        "SD3/SD3.5, Flux.1 or Sana (default: the project's assets/tiny-t2i)")
+    g.add_argument("--revision", help="the hub revision (branch, tag or commit) of the pipeline")
+    g.add_argument("--variant", help="the weights variant to load, e.g. fp16 (diffusion_pytorch_model.fp16.*)")
+    g.add_argument("--cache_dir", help="the hub cache to download into and read from (default: huggingface_hub's, "
+                   "HF_HUB_CACHE or HF_HOME)")
     g.add_argument("--instance_data_dir", type=Path, default=DEFAULT_SUBJECT, help="images of the subject")
     g.add_argument("--instance_prompt", default=DEFAULT_INSTANCE_PROMPT)
     g.add_argument("--class_data_dir", type=Path, help="class images; missing ones are generated "
@@ -182,6 +183,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # torch.distributed.launch passes it
     g.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is there")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_hub_args(p.add_argument_group("hub (the output folder, with its README.md model card, is the repository)"),
+                 dashed=False)
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from psoft_vision import hub
+
 from .errors import DreamBoothError
 from .families import family_of
 
@@ -149,20 +151,32 @@ def loss_weighting(scheme: str, sigma: torch.Tensor | None) -> torch.Tensor | No
 
 
 # ------------------------------------------------------------------------------------------------ loading
-def load_pipeline(path: Path, device):
-    """A local pipeline folder of a known family (families.py), fp32, frozen, on ``device``."""
+def _model_index(name: str | Path, revision: str | None, cache_dir: str | None) -> dict:
+    """The pipeline's model_index.json, from the folder or the hub repository (a named error where there is none)."""
+    flag = "--pretrained_model_name_or_path"
+    if hub.is_hub_id(name):
+        return json.loads(hub.hub_file(str(name), "model_index.json", revision, cache_dir).read_text())
+    index_file = Path(name) / "model_index.json"
+    if not Path(name).exists():
+        raise DreamBoothError(f"{flag} {str(name)!r} is neither a folder nor a hub id (org/name); pass a folder "
+                              "written by a diffusers pipeline's save_pretrained, or a hub repository id.")
+    if not index_file.is_file():
+        raise DreamBoothError(f"{flag} {str(name)!r} has no model_index.json; pass a folder written by a diffusers "
+                              "pipeline's save_pretrained.")
+    return json.loads(index_file.read_text())
+
+
+def load_pipeline(name: str | Path, device, revision: str | None = None, variant: str | None = None,
+                  cache_dir: str | None = None):
+    """A pipeline of a known family (families.py), fp32, frozen, on ``device``: from a local folder or a hub id
+    (through diffusers' from_pretrained and huggingface_hub's cache; failures are named psoft_vision HubErrors)."""
     import diffusers
 
-    if path.exists() and not (path / "model_index.json").is_file():
-        raise DreamBoothError(f"--pretrained_model_name_or_path {str(path)!r} has no model_index.json; pass a folder "
-                              "written by a diffusers pipeline's save_pretrained.")
-    if not path.exists():
-        raise DreamBoothError(f"--pretrained_model_name_or_path {str(path)!r} does not exist; this trainer works "
-                              "offline: download the pipeline to a folder first and pass that folder.")
     # components saved as None (an SD3 pipeline without T5, say) must be passed as None again
-    index = json.loads((path / "model_index.json").read_text())
-    absent = {k: None for k, v in index.items() if v == [None, None]}
-    pipe = diffusers.DiffusionPipeline.from_pretrained(path, dtype=torch.float32, **absent)
+    absent = {k: None for k, v in _model_index(name, revision, cache_dir).items() if v == [None, None]}
+    with hub.hub_errors(str(name), revision, cache_dir=cache_dir):
+        pipe = diffusers.DiffusionPipeline.from_pretrained(name, dtype=torch.float32, revision=revision,
+                                                           variant=variant, cache_dir=cache_dir, **absent)
     family_of(pipe)  # a named error for a pipeline of no known family
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)

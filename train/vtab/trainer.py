@@ -9,8 +9,9 @@ With no arguments: the project's offline backbone (assets/) fine-tuned with PSOF
 
 Protocols: "select" trains on train800, keeps the epoch with the best val200 accuracy and tests it; "final"
 trains on train800val200 and tests the last epoch. The output folder gets metrics.json, metrics.csv, curve.png,
-the adapter (registered methods: adapter.safetensors; PEFT: adapter/; full and linear: trainable.safetensors) and
-checkpoint/, from which --resume continues after an interruption exactly as if none had happened.
+the adapter (registered methods: adapter.safetensors; PEFT: adapter/; full and linear: trainable.safetensors),
+README.md (the model card) and checkpoint/, from which --resume continues after an interruption exactly as if none
+had happened; --push-to-hub uploads the folder to a hub repository.
 """
 
 import argparse
@@ -25,8 +26,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
 import psoft_vision as pv
+from psoft_vision.hub import hub_errors, timm_hub_id
 
+from ..common import hub as run_hub
 from ..common.checkpoint import find_checkpoint, load_checkpoint, write_checkpoint
+from ..common.hub import add_hub_args
 from ..common.methods import build_config, method_choices, registered
 from ..common.metrics_files import recorded_args, write_csv, write_json
 from ..common.resume_args import check_resume_args
@@ -50,7 +54,10 @@ DEFAULT_HEAD_LR = {"linear": 0.3}
 #: Arguments a --resume may change (train/common/resume_args.py): they cannot change what is trained (gradient
 #: checkpointing recomputes the same activations: bit-identical, tests/test_vtab.py). Every other argument must be
 #: the run's own; a change of one of these is recorded in metrics.json's "resumes".
-MAY_DIFFER = frozenset({"quiet", "num_workers", "output_dir", "baseline", "grad_checkpointing"})
+MAY_DIFFER = frozenset({"quiet", "num_workers", "output_dir", "baseline", "grad_checkpointing", *run_hub.MAY_DIFFER})
+#: How the model card names a method that writes no psoft_vision adapter file.
+BASELINE_NAMES = {"lora": "PEFT LoRA", "qlora": "PEFT QLoRA", "peft-oft": "PEFT OFT", "peft-psoft": "PEFT PSOFT",
+                  "full": "full fine-tuning", "linear": "linear probing"}
 
 
 def __getattr__(name: str):
@@ -65,8 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.vtab", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=DEFAULT_MODEL, help=f"timm model name, with tag (default {DEFAULT_MODEL}, "
-                   "the project's offline backbone)")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="timm model name with tag (its weights come from the "
+                   "hub repository its pretrained_cfg names), or hf-hub:org/name for a timm model on the hub "
+                   f"(default {DEFAULT_MODEL}, the project's offline backbone)")
+    g.add_argument("--revision", help="the hub revision (branch, tag or commit) of the model's weights")
+    g.add_argument("--cache-dir", "--cache_dir", dest="cache_dir", help="the hub cache to download into and read "
+                   "from (default: huggingface_hub's, HF_HUB_CACHE or HF_HOME)")
     g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                    help="load pretrained weights: the hub's, or the local file of the model's pretrained_cfg")
     g.add_argument("--weights", type=Path, help="load weights from this local file instead of the hub "
@@ -120,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--baseline", choices=("linear",), help="also train this baseline with the same budget and "
                    "print both test accuracies")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_hub_args(p.add_argument_group("hub (the output folder, with its README.md model card, is the repository)"),
+                 dashed=True)
     return p
 
 
@@ -148,13 +161,23 @@ class TrainerFlagError(ValueError):
 
 # ----------------------------------------------------------------------------------------------- building
 def create_model(args, num_classes: int):
-    overlay = None
+    """The timm model with --model's weights: from --weights, else through timm's own hub resolution (at --revision,
+    in --cache-dir; failures are psoft_vision HubErrors)."""
+    name, overlay, repo = args.model, None, timm_hub_id(args.model)
     if args.weights is not None:
         if not args.weights.is_file():
             raise FileNotFoundError(f"--weights {args.weights} does not exist; give a .safetensors/.pth file")
         overlay = dict(file=str(args.weights))
-    return timm.create_model(args.model, pretrained=args.pretrained or overlay is not None,
-                             pretrained_cfg_overlay=overlay, num_classes=num_classes)
+    elif args.revision and repo is None:
+        raise TrainerFlagError(f"--revision {args.revision}: {args.model} has no weights on the hub; leave "
+                               "--revision out.")
+    elif args.revision and name.startswith("hf-hub:"):
+        name = f"{name.split('@')[0]}@{args.revision}"
+    elif args.revision:
+        overlay = dict(hf_hub_id=f"{repo}@{args.revision}")
+    with hub_errors(repo or name, args.revision, cache_dir=args.cache_dir):
+        return timm.create_model(name, pretrained=args.pretrained or args.weights is not None,
+                                 pretrained_cfg_overlay=overlay, num_classes=num_classes, cache_dir=args.cache_dir)
 
 
 def enable_grad_checkpointing(model, name: str) -> None:
@@ -294,6 +317,7 @@ class Training:
     trainable: int  # numbers trained outside the head
     head_params: int
     setup_s: float  # the time the method took to apply
+    repo_id: str | None = None  # --push_to_hub: the hub repository, made before training
 
 
 def build(args, accelerator) -> Training:
@@ -301,6 +325,7 @@ def build(args, accelerator) -> Training:
     from accelerate.utils import set_seed
 
     set_seed(args.seed)
+    repo_id = run_hub.start_repo(args, accelerator.is_main_process)
     if accelerator.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     probe = create_model(args, num_classes=2)  # only for its data config: num_classes comes from the data
@@ -330,7 +355,7 @@ def build(args, accelerator) -> Training:
                                 for loader in (eval_loader, test_loader))
     trainable_params = {n: p for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
     return Training(accelerator, model, optimizer, scheduler, train_loader, eval_loader, test_loader,
-                    trainable_params, classes, trainable, head_params, setup_s)
+                    trainable_params, classes, trainable, head_params, setup_s, repo_id)
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -488,8 +513,28 @@ def finish(t: Training, args, state: dict, best: dict | None) -> dict:
         write_json(output_dir / "metrics.json", metrics)
         write_csv(output_dir / "metrics.csv", state["history"])
         _plot(state["history"], output_dir / "curve.png", f"{metrics['task']}: {args.method}")
+        write_card(output_dir, args, metrics, t.repo_id)
+        metrics["pushed"] = run_hub.publish(output_dir, t.repo_id, args)
     accelerator.wait_for_everyone()
     return metrics
+
+
+def write_card(output_dir: Path, args, metrics: dict, repo_id: str | None) -> Path:
+    """README.md, the run's model card: the adapter (or PEFT folder, or trained tensors) and the run's accuracy."""
+    from psoft_vision.card import write_model_card
+
+    saved = Path(metrics["saved"])
+    kind = "adapter" if registered(args.method) else "peft" if args.method in PEFT else "trainable"
+    numbers = {"task": metrics["task"], "protocol": args.protocol, "classes": metrics["classes"],
+               "test accuracy": metrics["test_acc"], "best val200 accuracy": metrics["best_val"],
+               "best epoch": metrics["best_epoch"], "epochs": args.epochs, "learning rate": args.lr,
+               "head learning rate": args.head_lr, "batch size": args.batch_size,
+               "training time (s)": metrics["train_s"]}
+    return write_model_card(output_dir, {saved.relative_to(output_dir).as_posix(): kind}, library="timm",
+                            task="image-classification", base_model=timm_hub_id(args.model), base_name=args.model,
+                            repo_id=repo_id, trained=BASELINE_NAMES.get(args.method), num_classes=metrics["classes"],
+                            trainable=metrics["trainable"] + metrics["head_params"],
+                            metrics={k: v for k, v in numbers.items() if v is not None})
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -524,11 +569,14 @@ def main(argv=None) -> dict:
     if "saved" not in metrics:  # interrupted, or not the main process
         return metrics
     print(summary_line(metrics))
+    if metrics.get("pushed"):
+        print(f"uploaded {args.output_dir} to {metrics['pushed']}")
     if args.baseline:
         # Parsed anew, so that the baseline gets its own default learning rates; the last --method wins.
         baseline = parse_args([*argv, "--method", args.baseline,
                                "--output-dir", str(Path(args.output_dir) / f"baseline-{args.baseline}")])
         baseline.baseline = None
+        baseline.push_to_hub = False  # its folder is inside this run's, which was uploaded already
         other = run(baseline)
         print(summary_line(other))
         print(f"test accuracy: {args.method} {metrics['test_acc']:.3f} against {args.baseline} probing "
