@@ -1,7 +1,5 @@
 """psoft_vision: PSOFT and OFTv2 orthogonal fine-tuning for timm and diffusers models."""
 
-__version__ = "0.2.0"
-
 from .adapter import Adapter
 from .config import AdapterConfig
 from .errors import (
@@ -27,15 +25,17 @@ from .errors import (
 )
 from .export import export_lora
 from .export_oft import export_oft
-from .hub import push_to_hub
 from .inject import inject, trainable_summary
 from .io import load_adapter, read_adapter, save_adapter
 from .layer import AdaptedLayer
-from .lifecycle import activate, adapted_layers, adapter_names, disabled, merge, remove, set_strength, unmerge
+from .lifecycle import activate, disabled, merge, remove, set_strength, unmerge
 from .methods import OFTConfig, PSOFTConfig
+from .model import adapted_layers, adapter_names
+from .publish import push_to_hub
 from .quantized import quantize_base
 from .registry import Method, get_method, register_method, registered_methods, unregister_method
 from .targets import PRESETS
+from .version import __version__ as __version__  # the package version, read by adapter files too
 
 __all__ = [
     "PRESETS",

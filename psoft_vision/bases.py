@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedLayerError
-from .quantized import dequantized_weight, quantization_of
+from .quantized_layers import dequantized_weight, quantization_of
 
 LINEAR, CONV2D = "linear", "conv2d"
 

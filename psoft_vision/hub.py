@@ -9,7 +9,6 @@ name is used: the package itself needs torch and safetensors alone (``pip instal
 import contextlib
 import os
 import re
-import tempfile
 from pathlib import Path
 
 from .errors import HubAccessError, HubError, HubNotFoundError, HubOfflineError, MissingExtraError
@@ -169,28 +168,15 @@ def upload_folder(folder: str | os.PathLike, repo_id: str, token: str | None = N
     return info.commit_url
 
 
-def push_to_hub(model_or_folder, repo_id: str, *, name: str | None = None, weight_name: str = DEFAULT_WEIGHT_NAME,
-                token: str | None = None, private: bool | None = None, commit_message: str | None = None,
-                ignore_patterns: list[str] | None = None, base_model: str | None = None) -> str:
-    """Upload to hub model repository ``repo_id`` (created if missing); returns the commit URL.
+def __getattr__(name: str):
+    """``push_to_hub``, moved to :mod:`psoft_vision.publish` (it saves adapter files and model cards, which read
+    hub names from here): still importable from here, with a DeprecationWarning."""
+    if name == "push_to_hub":
+        import warnings
 
-    A folder (a trainer's output folder) is uploaded as it is, less ``ignore_patterns``. A model: its adapter
-    ``name`` is saved as ``weight_name`` with a model card (README.md; ``base_model``: the hub id it was trained
-    on, when the model does not tell) in a temporary folder, and that folder is uploaded.
-    """
-    from torch import nn
+        from .publish import push_to_hub
 
-    if not isinstance(model_or_folder, nn.Module):
-        folder = Path(model_or_folder)
-        if not folder.is_dir():
-            raise HubError(f"push_to_hub: {str(folder)!r} is not a folder; pass an output folder or a model with "
-                           "an adapter.")
-        return upload_folder(folder, create_repo(repo_id, token, private), token, commit_message, ignore_patterns)
-    from .card import write_adapter_card
-    from .io import save_adapter
-
-    repo_id = create_repo(repo_id, token, private)
-    with tempfile.TemporaryDirectory(prefix="psoft-vision-push-") as folder:
-        save_adapter(model_or_folder, Path(folder) / weight_name, name=name)
-        write_adapter_card(model_or_folder, Path(folder) / weight_name, repo_id=repo_id, base_model=base_model)
-        return upload_folder(folder, repo_id, token, commit_message, ignore_patterns)
+        warnings.warn("psoft_vision.hub.push_to_hub moved: use psoft_vision.push_to_hub (psoft_vision.publish).",
+                      DeprecationWarning, stacklevel=2)
+        return push_to_hub
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

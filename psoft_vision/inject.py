@@ -10,8 +10,8 @@ from .bases import base_of
 from .config import AdapterConfig
 from .errors import AdapterNameError, ConfigError, TargetNotFoundError, UnsupportedLayerError
 from .layer import AdaptedLayer
-from .lifecycle import REQUIRES_GRAD, adapted_layers, adapter_names
-from .quantized import keep_training_layout
+from .model import REQUIRES_GRAD, adapted_layers, adapter_names
+from .quantized_layers import keep_training_layout
 from .registry import method_of
 from .targets import excluder, select
 

@@ -78,7 +78,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     ``model_card=True`` also writes README.md beside the file (:func:`psoft_vision.card.write_adapter_card`): the
     folder is then a hub repository, ready for :func:`psoft_vision.push_to_hub`.
     """
-    from . import __version__
+    from .version import __version__
 
     model = uncompiled(model)
     name = one_adapter_name(model, name)

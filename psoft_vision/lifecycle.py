@@ -1,8 +1,11 @@
-"""The adapter lifecycle on a whole model: merge, strength, disable, choose active adapters, remove."""
+"""The adapter lifecycle on a whole model: merge, strength, disable, choose active adapters, remove.
+
+The queries (adapted_layers, adapter_names, one_adapter_name, uncompiled) live in :mod:`psoft_vision.model`; they
+are importable from here too, as they were before."""
 
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import contextmanager
 
 from torch import nn
@@ -10,23 +13,7 @@ from torch import nn
 from . import batching
 from .errors import AdapterNameError, ConfigError, MergeError, WeightsNotLoadedError
 from .layer import AdaptedLayer
-
-#: The attribute under which inject keeps the model's requires_grad flags from before its first adapter.
-REQUIRES_GRAD = "_psoft_vision_requires_grad"
-
-
-def uncompiled(model):
-    """The module ``torch.compile(module)`` wraps, or ``model`` itself: adapter files and exports name layers as the
-    model defines them, not with the wrapper's ``_orig_mod.`` prefix."""
-    inner = getattr(model, "_orig_mod", None)
-    return inner if isinstance(model, nn.Module) and isinstance(inner, nn.Module) else model
-
-
-def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
-    """``(name, layer)`` for every adapted layer of ``model``."""
-    for name, module in model.named_modules():
-        if isinstance(module, AdaptedLayer):
-            yield name, module
+from .model import REQUIRES_GRAD, adapted_layers, adapter_names, check_names, one_adapter_name, uncompiled  # noqa: F401
 
 
 def require_loaded(layers: dict[str, AdaptedLayer], doing: str) -> None:
@@ -41,34 +28,6 @@ def require_loaded(layers: dict[str, AdaptedLayer], doing: str) -> None:
             "and loading the weights back.")
 
 
-def adapter_names(model: nn.Module) -> list[str]:
-    """Every adapter name on the model, in the order they were added."""
-    names = {}
-    for _, layer in adapted_layers(model):
-        names.update(dict.fromkeys(layer.adapters))
-    return list(names)
-
-
-def _check_names(model: nn.Module, names: Sequence[str]) -> None:
-    present = adapter_names(model)
-    missing = [n for n in names if n not in present]
-    if missing:
-        raise AdapterNameError(f"no adapter named {missing} on {type(model).__name__}; it has {present}.")
-
-
-def one_adapter_name(model: nn.Module, name: str | None) -> str:
-    """``name`` checked to be on the model, or the model's only adapter name when ``name`` is None."""
-    names = adapter_names(model)
-    if not names:
-        raise AdapterNameError(f"{type(model).__name__} has no adapters; inject (or load) one first.")
-    if name is None:
-        if len(names) > 1:
-            raise AdapterNameError(f"the model has adapters {names}; pass name= to choose one.")
-        return names[0]
-    _check_names(model, [name])
-    return name
-
-
 def merge(model: nn.Module, name: str | None = None) -> nn.Module:
     """Fold the active adapters into the base weights; the forward then costs what the base model costs.
 
@@ -76,7 +35,7 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
     forward to stay the same); adapters above it stay unmerged.
     """
     if name is not None:
-        _check_names(model, [name])
+        check_names(model, [name])
     layers = {n: layer for n, layer in adapted_layers(model) if name is None or name in layer.active}
     require_loaded(layers, "merge")
     quantized = {n: layer.kind.quantized for n, layer in layers.items() if layer.kind.quantized}
@@ -101,7 +60,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 @contextmanager
-def _unmerged(model: nn.Module):
+def unmerged(model: nn.Module):
     """Unmerge for the duration, then merge again as many adapters per layer as were merged."""
     merged = {name: len(layer.merged) for name, layer in adapted_layers(model)}
     unmerge(model)
@@ -111,6 +70,10 @@ def _unmerged(model: nn.Module):
         for name, layer in adapted_layers(model):
             if merged.get(name) and layer.active:
                 layer.merge(upto=layer.active[min(merged[name], len(layer.active)) - 1])
+
+
+#: unmerged's old name, which psoft_vision/io.py imports until the adapter-file modules move (issue 23, part 1).
+_unmerged = unmerged
 
 
 def set_strength(model: nn.Module, t: float, name: str | None = None) -> nn.Module:
@@ -127,8 +90,8 @@ def set_strength(model: nn.Module, t: float, name: str | None = None) -> nn.Modu
                       "vectors may change sign, and far from 1 the outputs leave what training ever saw).",
                       stacklevel=2)
     if name is not None:
-        _check_names(model, [name])
-    with _unmerged(model):
+        check_names(model, [name])
+    with unmerged(model):
         for _, layer in adapted_layers(model):
             for adapter_name, adapter in layer.adapters.items():
                 if name is None or adapter_name == name:
@@ -139,7 +102,7 @@ def set_strength(model: nn.Module, t: float, name: str | None = None) -> nn.Modu
 def activate(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
     """Make ``names`` the active adapters, applied in that order (first innermost), on every layer that has them."""
     names = [names] if isinstance(names, str) else list(names)
-    _check_names(model, names)
+    check_names(model, names)
     if len(set(names)) != len(names):
         raise AdapterNameError(f"adapter names {names} repeat; give each once.")
     for _, layer in adapted_layers(model):
@@ -152,7 +115,7 @@ def activate(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
 def disabled(model: nn.Module):
     """Run the base model: every adapter is off inside the block and restored (merged state too) after it."""
     active = {name: list(layer.active) for name, layer in adapted_layers(model)}
-    with _unmerged(model):
+    with unmerged(model):
         for _, layer in adapted_layers(model):
             layer.active = []
         try:
@@ -167,7 +130,7 @@ def remove(model: nn.Module, name: str | None = None) -> nn.Module:
     with its original weight, bit for bit; once no adapter is left, every parameter gets back the requires_grad
     flag it had before the first inject."""
     if name is not None:
-        _check_names(model, [name])
+        check_names(model, [name])
     for layer_name, layer in list(adapted_layers(model)):
         layer.unmerge()
         if name is not None and name in layer.adapters:
