@@ -11,8 +11,9 @@ with ``pretrained=False`` (nothing is downloaded); the few whose smallest model 
 are built smaller through their constructor's keyword arguments (:data:`SHRUNK`).
 
 A randomly initialised model is not a pretrained one: zero-initialised residual branches, layer scales and
-biases would hide a wrong adapter behind a branch that contributes nothing. :func:`emulate_pretrained` gives
-those parameters random values of a trained model's size first, so every path carries signal.
+biases would hide a wrong adapter behind a branch that contributes nothing. ``emulate_pretrained``
+(psoft_vision.testing) gives those parameters random values of a trained model's size first, so every path carries
+signal.
 
 The checks, for each method with its default config (:func:`check`): the identity at init, a non-zero finite
 gradient in every adapter parameter after one backward, merged equal to unmerged once the adapters are randomised,
@@ -36,13 +37,13 @@ import torch
 from torch import nn
 
 import psoft_vision as pv
+from psoft_vision.testing import emulate_pretrained, randomize_adapters
 
 IDENTITY_TOLERANCE = 1e-5  # relative, adapters at init
 MERGE_TOLERANCE = 1e-4  # relative, merged against unmerged with randomised adapters
 LOAD_TOLERANCE = 1e-5  # relative, a loaded adapter against the one saved
 #: A randomised adapter must move the output at least this much (relative), or the merge check proves nothing.
 MIN_EFFECT = 1e-3
-NEAR_ZERO = 1e-3  # a parameter entirely below this is treated as a zero / layer-scale init (emulate_pretrained)
 METHODS = {"psoft": pv.PSOFTConfig, "oft": pv.OFTConfig}
 NAMES = {"psoft": "PSOFT", "oft": "OFTv2"}
 
@@ -224,17 +225,6 @@ def families() -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------ models
-@torch.no_grad()
-def emulate_pretrained(model: nn.Module, seed: int = 0) -> None:
-    """Give parameters that are zero or nearly so (all below ``NEAR_ZERO``) random values of a trained model's
-    size, N(0, 0.1): zero-initialised residual branches and biases, and layer scales initialised to 1e-5 or 1e-6,
-    would otherwise carry (almost) no signal, so an adapter there could be wrong unseen."""
-    gen = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        if p.numel() and p.abs().max() < NEAR_ZERO:
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-
-
 class Built:
     """A family's model, built once; :meth:`fresh` gives new copies with the same base weights."""
 
@@ -297,17 +287,6 @@ class FamilyResult:
 
     def passed(self) -> bool:
         return not self.error and all(r.status == "pass" for r in self.methods.values())
-
-
-def randomize_adapters(model: nn.Module, seed: int = 0, std: float = 0.05) -> None:
-    """Adapter parameters away from the identity: rotations ``q ~ N(0, std)``, scalings ``1 + N(0, std)``."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in pv.adapted_layers(model):
-            for adapter in layer.adapters.values():
-                for name, p in adapter.named_parameters():
-                    noise = torch.randn(p.shape, generator=gen) * std
-                    p.copy_(noise if name == "q" else 1 + noise)
 
 
 def _dead_gradients(model: nn.Module) -> list[str]:

@@ -238,9 +238,9 @@ def _config_for_layers(header: dict, path) -> object:
     layer_set = set(layers)
     fields["targets"] = lambda n, m: n in layer_set
     fields["exclude"] = None
-    pattern = f"{method.size_field}_pattern"
-    if method.size_field and pattern in {f.name for f in dataclasses.fields(method.config)}:
-        fields[pattern] = {n: d[method.size_field] for n, d in layers.items() if method.size_field in d}
+    if method.size_pattern_field:
+        fields[method.size_pattern_field] = {n: d[method.size_field] for n, d in layers.items()
+                                             if method.size_field in d}
     try:
         return method.config(**fields)
     except (TypeError, ValueError) as error:

@@ -5,12 +5,13 @@ import json
 import pytest
 import timm
 import torch
-from conftest import randomize_adapters, rel_err
+from helpers import rel_err
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import psoft_vision as pv
 import psoft_vision.io as adapter_io
+from psoft_vision.testing import randomize_adapters
 
 
 def vit(seed=0):

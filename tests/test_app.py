@@ -17,15 +17,16 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_adapters, rel_err, unet_out
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from helpers import rel_err, unet_out
 from PIL import Image
 from playwright.sync_api import sync_playwright
 from safetensors import safe_open
 
 import psoft_vision as pv
 from apps import gradio_app as app
+from psoft_vision.testing import randomize_adapters
 from train.offline.data import FASHION, TASKS, task_split
 from train.offline.pretrain_t2i import build_pipeline
 

@@ -6,11 +6,11 @@ import pytest
 import timm
 import torch
 import torch.utils.checkpoint
-from conftest import randomize_adapters
 from torch import nn
 
 import psoft_vision as pv
 from psoft_vision import batching
+from psoft_vision.testing import randomize_adapters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

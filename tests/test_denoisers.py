@@ -9,13 +9,14 @@ import warnings
 
 import diffusers
 import pytest
-from conftest import randomize_adapters, rel_err
 from denoisers import DENOISERS, OFT, PSOFT, Denoiser, expected_targets, export_and_reload, lora_loader, run
+from helpers import rel_err
 
 import psoft_vision as pv
 from psoft_vision.diffusers import load_peft_lora
 from psoft_vision.errors import AdapterFileError, NotLowRankError, TargetNotFoundError, UnsupportedLayerError
 from psoft_vision.targets import Preset
+from psoft_vision.testing import randomize_adapters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,11 +7,12 @@ import copy
 import diffusers
 import pytest
 import torch
-from conftest import randomize_adapters, rel_err
+from helpers import rel_err
 from torch import nn
 
 import psoft_vision as pv
 from psoft_vision.methods import principal_subspace
+from psoft_vision.testing import randomize_adapters
 
 TOL = 1e-5  # relative error allowed between two fp32 forwards that must agree
 CHANGED = 1e-3  # randomized adapters must move the output at least this much, or merged == unmerged proves nothing

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import rel_err, unet_out
+from helpers import rel_err, unet_out
 from PIL import Image
 from safetensors import safe_open
 

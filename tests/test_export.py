@@ -13,7 +13,7 @@ import peft
 import pytest
 import timm
 import torch
-from conftest import randomize_adapters, rel_err
+from helpers import rel_err
 from safetensors import safe_open
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -25,6 +25,7 @@ from psoft_vision.inject import inject
 from psoft_vision.lifecycle import activate, adapted_layers, merge, set_strength
 from psoft_vision.methods import OFTConfig, PSOFTConfig
 from psoft_vision.targets import PRESETS
+from psoft_vision.testing import randomize_adapters
 
 TOL = 1e-4  # the brief: a loaded LoRA reproduces the adapted model to this relative error
 CHANGED = 1e-2  # the adapter must move the output at least this much, or reproducing it proves nothing

@@ -22,7 +22,7 @@ import peft
 import pytest
 import timm
 import torch
-from conftest import randomize_adapters, rel_err, unet_out
+from helpers import rel_err, unet_out
 from safetensors import safe_open
 from test_export import tiny_sd3  # the SD3 transformer that format='diffusers' is tested on
 from torch import nn
@@ -40,6 +40,7 @@ from psoft_vision.export_oft import export_oft
 from psoft_vision.inject import inject
 from psoft_vision.lifecycle import adapted_layers, merge, set_strength
 from psoft_vision.methods import OFTConfig, PSOFTConfig
+from psoft_vision.testing import randomize_adapters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,12 +17,12 @@ import httpx2
 import huggingface_hub
 import pytest
 import torch
-from conftest import randomize_adapters
 from huggingface_hub import ModelCard
 from PIL import Image
 
 import psoft_vision as pv
 from psoft_vision.diffusers import load_adapter_into_pipeline
+from psoft_vision.testing import randomize_adapters
 from train.offline.pretrain_t2i import build_pipeline
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,11 +7,12 @@ import warnings
 import pytest
 import timm
 import torch
-from conftest import randomize_adapters, rel_err
+from helpers import rel_err
 from torch import nn
 
 import psoft_vision as pv
 from psoft_vision.methods.oft import nearest_block_size
+from psoft_vision.testing import randomize_adapters
 
 BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 TIMM_MODELS = {

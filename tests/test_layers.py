@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from conftest import randomize_adapters, rel_err
+from helpers import rel_err
 from torch import nn
 
 import psoft_vision as pv
 from psoft_vision.methods import principal_subspace
+from psoft_vision.testing import randomize_adapters
 
 
 class Holder(nn.Module):

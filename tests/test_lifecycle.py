@@ -3,9 +3,10 @@
 import pytest
 import timm
 import torch
-from conftest import randomize_adapters, rel_err
+from helpers import rel_err
 
 import psoft_vision as pv
+from psoft_vision.testing import randomize_adapters
 
 
 def vit():

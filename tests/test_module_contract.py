@@ -7,9 +7,9 @@ import copy
 import pytest
 import timm
 import torch
-from conftest import randomize_adapters
 
 import psoft_vision as pv
+from psoft_vision.testing import randomize_adapters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

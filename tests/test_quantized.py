@@ -6,11 +6,12 @@ import warnings
 import pytest
 import timm
 import torch
-from conftest import randomize_adapters, rel_err
+from helpers import rel_err
 from torch import nn
 
 import psoft_vision as pv
 import psoft_vision.quantized as quantized
+from psoft_vision.testing import randomize_adapters
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 SCHEMES = list(quantized.SCHEMES)

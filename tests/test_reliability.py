@@ -15,13 +15,14 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import randomize_adapters, rel_err
+from helpers import rel_err
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 import psoft_vision as pv
 from psoft_vision.fingerprint import fingerprint, mismatch
+from psoft_vision.testing import randomize_adapters
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 

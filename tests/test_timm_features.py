@@ -10,11 +10,11 @@ minutes per tiny model on 2 CPU cores; it agreed to 3e-6 in a manual run).
 import pytest
 import timm
 import torch
-from conftest import randomize_adapters, rel_err
+from helpers import rel_err
 from torch import nn
 
 import psoft_vision as pv
-from bench.zoo import emulate_pretrained
+from psoft_vision.testing import emulate_pretrained, randomize_adapters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

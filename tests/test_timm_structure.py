@@ -9,11 +9,12 @@ import re
 import pytest
 import timm
 import torch
-from conftest import randomize_adapters, rel_err
+from helpers import rel_err
 from torch import nn
 
 import psoft_vision as pv
 from psoft_vision.targets import timm_targets
+from psoft_vision.testing import randomize_adapters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -135,5 +135,6 @@ class OFTAdapter(Adapter):
         return f"block_size={self.block_size}, blocks={self.blocks}, neumann_terms={self.neumann_terms}"
 
 
-METHOD = Method("oft", OFTConfig, OFTAdapter, size_field="block_size", display_name="OFTv2",
+METHOD = Method("oft", OFTConfig, OFTAdapter, size_field="block_size", size_pattern_field="block_size_pattern",
+                identity={"q": 0.0}, learning_rates={"vtab": 5e-3, "dreambooth": 1e-2}, display_name="OFTv2",
                 summary="OFTv2: a block-diagonal rotation of each layer's input (Cayley-Neumann)")

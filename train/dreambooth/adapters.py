@@ -8,7 +8,6 @@ under its pipeline prefix (``unet.`` / ``transformer.``, ``text_encoder.``, ``te
 (SD 1.x/2.x, SDXL, Flux), else metrics.json says why not.
 """
 
-import dataclasses
 from pathlib import Path
 
 import psoft_vision as pv
@@ -16,15 +15,13 @@ from psoft_vision.diffusers import denoiser as find_denoiser
 from psoft_vision.targets import select
 from psoft_vision.targets.structure import is_diffusers_model
 
-from ..common.methods import build_config, registered
+from ..common.methods import build_config, registered, size_pattern_fields
 from .errors import DreamBoothError
 from .ranks import layer_sizes, parse_pattern
 
 TEXT_ENCODER_TARGETS = "transformers"  # the preset of psoft_vision/targets for a transformers text encoder
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "kohya.safetensors"
-#: --rank_pattern / --block_size_pattern -> the config field each sets, and the size it patterns
-PATTERNS = {"rank_pattern": "rank", "block_size_pattern": "block_size"}
 
 
 def trained_models(pipe, family, args) -> dict:
@@ -45,12 +42,15 @@ def targets_for(role: str, args) -> str:
 
 
 def _sizes(models: dict, args) -> tuple[str | None, dict[str, dict[str, int]]]:
-    """The pattern flag in use (for the method) and its size per layer of each model."""
-    flag = "block_size_pattern" if args.method == "oft" else "rank_pattern"
-    other = "rank_pattern" if flag == "block_size_pattern" else "block_size_pattern"
-    if getattr(args, other):
-        raise DreamBoothError(f"--{other} does not apply to --method {args.method}; use --{flag}.")
-    pattern = parse_pattern(getattr(args, flag), f"--{flag}")
+    """The pattern flag of the method (its declared size-pattern field; LoRA's rank_pattern) and its size per layer of
+    each model. Another method's pattern flag is refused."""
+    method = registered(args.method)
+    flag = method.size_pattern_field if method else "rank_pattern"
+    other = next((f for f in ("rank_pattern", *size_pattern_fields()) if f != flag and getattr(args, f, None)), None)
+    if other:
+        instead = f"use --{flag}" if flag else "it has no per-layer size"
+        raise DreamBoothError(f"--{other} does not apply to --method {args.method}; {instead}.")
+    pattern = parse_pattern(getattr(args, flag), f"--{flag}") if flag else {}
     layers = {role: (model, select(model, targets_for(role, args))) for role, model in models.items()}
     return flag, layer_sizes(layers, pattern, f"--{flag}") if pattern else {role: {} for role in models}
 
@@ -64,11 +64,8 @@ def apply_method(models: dict, args) -> None:
         if method is None:
             _add_lora(model, targets, args, sizes[role])
             continue
-        fields = {f.name for f in dataclasses.fields(method.config)}
-        if sizes[role] and flag not in fields:
-            raise DreamBoothError(f"--{flag} does not apply to --method {args.method} (its config has no {flag}).")
-        patterns = {name: sizes[role] if name == flag else {} for name in PATTERNS if name in fields}
-        pv.inject(model, build_config(method, args, targets=targets, **patterns))
+        pattern = {flag: sizes[role]} if flag else {}
+        pv.inject(model, build_config(method, args, targets=targets, **pattern))
 
 
 def _add_lora(model, targets: str, args, sizes: dict[str, int]) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import psoft_vision as pv
 
 from ..common.hub import add_hub_args
-from ..common.methods import method_choices
+from ..common.methods import add_config_flags, default_lr, default_lrs, method_choices, size_pattern_fields
 from ..common.paths import TINY_T2I
 from .diffusion import WEIGHTING_SCHEMES
 from .errors import DreamBoothError
@@ -19,8 +19,10 @@ DEFAULT_PIPELINE = TINY_T2I
 DEFAULT_SUBJECT = SUBJECT_DIR / "train"
 #: The trainer's own methods beside every registered one (see train/common/methods.py).
 BASELINES = ("lora",)
-DEFAULT_LR = {"psoft": 1e-2, "oft": 1e-2, "lora": 5e-3}  # one DreamBooth run each, not searched
-#: The learning rate of a method missing from DEFAULT_LR (a newly registered one): what ours were trained with.
+#: The learning rate of each baseline (one DreamBooth run, not searched); a registered method's is its
+#: ``learning_rates["dreambooth"]`` (psoft_vision's Method).
+BASELINE_LR = {"lora": 5e-3}
+#: The learning rate of a registered method that names none for DreamBooth: what ours were trained with.
 FALLBACK_LR = 1e-2
 
 #: diffusers' DreamBooth flags this trainer does not take, and why (shown by --help; passing one is a named error).
@@ -134,7 +136,8 @@ def _optim_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gradient_checkpointing", action="store_true",
                    help="recompute activations in the backward pass (the denoiser's and trained text encoders')")
     g.add_argument("--max_train_steps", type=int, default=400)
-    g.add_argument("--learning_rate", type=float, help=f"default per method: {DEFAULT_LR}, else {FALLBACK_LR:g}")
+    g.add_argument("--learning_rate", type=float, help="default per method: "
+                   f"{default_lrs('dreambooth', BASELINE_LR)}, else {FALLBACK_LR:g}")
     g.add_argument("--lr_scheduler", default="cosine", choices=SCHEDULES,
                    help="(warm-up counts the step being taken: see train/dreambooth/optim.py)")
     g.add_argument("--lr_warmup_steps", type=int, default=20)
@@ -192,6 +195,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for add in (_data_args, _method_args, _optim_args, _run_args):
         add(p)
+    add_config_flags(p, dashed=False, text_patterns=True)  # read per module type, as --rank_pattern
     for flag in UNSUPPORTED:
         p.add_argument(flag, action=Unsupported)
     return p
@@ -207,7 +211,7 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
     if args.class_data_dir is None:
         args.class_data_dir = args.output_dir / "class_images"
     if args.learning_rate is None:
-        args.learning_rate = DEFAULT_LR.get(args.method, FALLBACK_LR)
+        args.learning_rate = default_lr(args.method, "dreambooth", BASELINE_LR, FALLBACK_LR)
     if args.validation_prompt is None:
         args.validation_prompt = args.instance_prompt
     for name in ("max_train_steps", "train_batch_size", "checkpointing_steps", "validation_steps",
@@ -218,6 +222,6 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
             raise DreamBoothError(f"--{name} must be at least 1, got {value}.")
     if args.max_grad_norm is not None and args.max_grad_norm <= 0:
         raise DreamBoothError(f"--max_grad_norm must be positive, got {args.max_grad_norm}; leave it out for none.")
-    parse_pattern(args.rank_pattern, "--rank_pattern")  # named errors before anything loads
-    parse_pattern(args.block_size_pattern, "--block_size_pattern")
+    for flag in dict.fromkeys(("rank_pattern", *size_pattern_fields())):  # named errors before anything loads
+        parse_pattern(getattr(args, flag), f"--{flag}")
     return args

@@ -210,7 +210,8 @@ def settings(trained: dict) -> str:
             f"resolution {a['resolution']}, AdamW with {a['lr_warmup_steps']} warm-up steps and a "
             f"{a.get('lr_scheduler', 'cosine')} schedule; PSOFT r={a['rank']} at lr {lr['psoft']:g}, OFTv2 block size "
             f"{a['block_size']} at lr {lr['oft']:g}, LoRA r={a['lora_rank']} (alpha {a['lora_rank']}) at lr "
-            f"{lr['lora']:g} (`DEFAULT_LR` in `train/dreambooth/trainer.py`; no search); all three on the layers of "
+            f"{lr['lora']:g} (each method's default: `learning_rates` of its `Method`, `BASELINE_LR` in "
+            "`train/dreambooth/cli.py` for LoRA; no search); all three on the layers of "
             f"the `{a['targets']}` target preset (the UNet's attention, feed-forward and proj_in/proj_out)")
 
 

@@ -43,7 +43,7 @@ from ..common.metrics_files import recorded_args, write_csv, write_json
 from ..common.resume_args import check_resume_args
 from . import cli
 from .adapters import adapter_path, apply_method, card_files, save_outputs, sharded_savers, trained_models
-from .cli import BASELINES, DEFAULT_LR, DEFAULT_PIPELINE, DEFAULT_SUBJECT, FALLBACK_LR  # noqa: F401  (re-exported)
+from .cli import BASELINE_LR, BASELINES, DEFAULT_PIPELINE, DEFAULT_SUBJECT, FALLBACK_LR  # noqa: F401  (re-exported)
 from .diffusion import (  # noqa: F401  (prior_batch, dreambooth_loss, training_target: re-exported for tests)
     ImageSet,
     cast_frozen,

@@ -31,7 +31,7 @@ from psoft_vision.hub import hub_errors, timm_hub_id
 from ..common import hub as run_hub
 from ..common.checkpoint import find_checkpoint, load_checkpoint, write_checkpoint
 from ..common.hub import add_hub_args
-from ..common.methods import build_config, method_choices, registered
+from ..common.methods import add_config_flags, build_config, default_lr, default_lrs, method_choices, registered
 from ..common.metrics_files import recorded_args, write_csv, write_json
 from ..common.resume_args import check_resume_args
 from ..common.schedule import cosine_with_warmup
@@ -43,12 +43,12 @@ PEFT = ("lora", "qlora", "peft-oft", "peft-psoft")
 BASELINES = (*PEFT, "full", "linear")
 DEFAULT_MODEL = "vit_pico_patch8_32.fmnist"
 DEFAULT_TASK = "photo-crops"
-#: What the committed learning-rate search on VTAB-offline chose for the offline backbone (docs/vtab_offline.md);
-#: linear probing trains the head only, so its --lr is never used.
-DEFAULT_LR = {"psoft": 2e-2, "oft": 5e-3, "lora": 2e-2, "qlora": 2e-2, "peft-oft": 2e-2, "peft-psoft": 2e-2,
-              "full": 3e-3, "linear": 5e-3}
-#: The learning rate of a method missing from DEFAULT_LR (a newly registered one, not searched yet): the middle of
-#: the suite's grid for adapters.
+#: What the committed learning-rate search on VTAB-offline chose for the offline backbone (docs/vtab_offline.md), for
+#: the baselines; a registered method's is its ``learning_rates["vtab"]`` (psoft_vision's Method). Linear probing
+#: trains the head only, so its --lr is never used.
+BASELINE_LR = {"lora": 2e-2, "qlora": 2e-2, "peft-oft": 2e-2, "peft-psoft": 2e-2, "full": 3e-3, "linear": 5e-3}
+#: The learning rate of a registered method that names none for VTAB (a new one, not searched yet): the middle of the
+#: suite's grid for adapters.
 FALLBACK_LR = 5e-3
 DEFAULT_HEAD_LR = {"linear": 0.3}
 #: Arguments a --resume may change (train/common/resume_args.py): they cannot change what is trained (gradient
@@ -109,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=64, help="global batch size, split across processes")
     g.add_argument("--eval-batch-size", type=int, default=256)
     g.add_argument("--lr", type=float, help="learning rate of adapters (or of the whole network); default: the "
-                   f"method's value in DEFAULT_LR, searched for the offline backbone, else {FALLBACK_LR:g} (SPEC for "
-                   "ViT-B/16: 5e-4)")
+                   f"method's own, searched for the offline backbone ({default_lrs('vtab', BASELINE_LR)}), else "
+                   f"{FALLBACK_LR:g} (SPEC for ViT-B/16: 5e-4)")
     g.add_argument("--head-lr", type=float, help="learning rate of the new classifier head (default 5e-3; linear "
                    "probing 0.3, as searched)")
     g.add_argument("--weight-decay", type=float, default=1e-3)
@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     add_hub_args(p.add_argument_group("hub (the output folder, with its README.md model card, is the repository)"),
                  dashed=True)
+    add_config_flags(p, dashed=True)
     return p
 
 
@@ -146,7 +147,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise TrainerFlagError(f"--quantize {args.quantize} with --method full: a quantized base cannot be trained "
                                "in full; use an adapter method, or leave --quantize out.")
     if args.lr is None:
-        args.lr = DEFAULT_LR.get(args.method, FALLBACK_LR)
+        args.lr = default_lr(args.method, "vtab", BASELINE_LR, FALLBACK_LR)
     if args.head_lr is None:
         args.head_lr = DEFAULT_HEAD_LR.get(args.method, 5e-3)
     if args.output_dir is None:
