@@ -1,7 +1,17 @@
-"""Fixtures every test module gets (shared helper functions are in helpers.py)."""
+"""Fixtures every test module gets, and the ``slow`` marker (shared helper functions are in helpers.py)."""
 
 import pytest
 import torch
+
+#: The markers of tests that are not the library's own quick ones (pyproject.toml registers them): each also gets
+#: ``slow``, so ``pytest -m "not slow"`` runs the library's tests alone.
+SLOW = ("app", "multiprocess", "trainer", "bench", "zoo")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if any(item.get_closest_marker(name) for name in SLOW):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)

@@ -35,7 +35,7 @@ ARTIFACTS = Path(os.environ.get("PSOFT_VISION_TEST_ARTIFACTS", REPO / "test-arti
 PROMPT = app.DEFAULT_PROMPT
 STEPS = 4
 CROPS = TASKS["photo-crops"].classes
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.app, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

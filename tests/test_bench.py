@@ -4,7 +4,11 @@ import csv
 import json
 import re
 
+import pytest
+
 import bench
+
+pytestmark = pytest.mark.bench
 
 
 def test_bench_runs_each_configuration_and_writes_its_reports(tmp_path, capsys):

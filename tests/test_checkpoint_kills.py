@@ -28,7 +28,7 @@ from train.common.checkpoint import KILL_AT_ENV, KILL_LOG_ENV, KILLED_EXIT_CODE
 from train.dreambooth import trainer as dreambooth
 from train.vtab import trainer as vtab
 
-pytestmark = pytest.mark.usefixtures("one_thread", "no_curve")
+pytestmark = [pytest.mark.multiprocess, pytest.mark.usefixtures("one_thread", "no_curve")]
 ROOT = Path(__file__).resolve().parent.parent
 
 

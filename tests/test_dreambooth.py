@@ -23,7 +23,7 @@ from train.dreambooth import trainer as dreambooth
 from train.offline.pretrain_t2i import build_pipeline
 
 TOL = 1e-4  # a LoRA export reproduces the adapted UNet to this relative error (fp32)
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.trainer, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from psoft_vision.targets import select
 from psoft_vision.targets.presets import preset_for
 from psoft_vision.targets.structure import transformers_targets
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.trainer, pytest.mark.usefixtures("one_thread")]
 
 
 # ------------------------------------------------------------------------------------------ transformers targets

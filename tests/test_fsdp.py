@@ -19,6 +19,8 @@ from torch import nn
 import psoft_vision as pv
 from psoft_vision.distributed import AdapterSaver, ShardingError, adapter_state_dict, shard
 
+pytestmark = pytest.mark.multiprocess
+
 STEPS, BATCH, WIDTH = 3, 8, 16
 TOL = 1e-6
 TARGETS = ["fc1", "fc2"]  # of both blocks

@@ -152,6 +152,7 @@ def timm_repo(tmp_path: Path, name: str, seed: int) -> tuple[Path, dict]:
     return tmp_path / name, model.state_dict()
 
 
+@pytest.mark.trainer
 def test_timm_models_resolve_by_hub_id_and_revision_in_the_vtab_trainer(offline_cache, tmp_path):
     from train.vtab import trainer as vtab
 
@@ -214,6 +215,8 @@ def pipeline_cache(tmp_path_factory) -> tuple[Path, dict]:
     return root, {seed: pipe.unet.state_dict() for seed, pipe in pipes.items()}
 
 
+@pytest.mark.trainer
+@pytest.mark.multiprocess
 def test_dreambooth_trains_a_hub_pipeline_at_a_revision_offline_and_its_folder_loads_as_a_repository(
         pipeline_cache, offline_cache, monkeypatch):
     """The trainer in a subprocess whose environment alone (HF_HOME, HF_HUB_OFFLINE=1) points it at the cache; the
@@ -404,6 +407,7 @@ def test_download_refusals_from_the_hub_are_named(recording_hub, tmp_path):
             pv.load_adapter(tiny_model(), "someone/adapter", revision="v3", cache_dir=tmp_path / "cache")
 
 
+@pytest.mark.trainer
 def test_trainers_push_their_output_folder_without_the_checkpoint_or_the_token(recording_hub, tmp_path):
     from train.vtab import trainer as vtab
 
@@ -421,6 +425,7 @@ def test_trainers_push_their_output_folder_without_the_checkpoint_or_the_token(r
     assert "hf_secret" not in (out / "checkpoint" / "run_args.json").read_text()
 
 
+@pytest.mark.trainer
 def test_dreambooth_pushes_its_output_folder_without_checkpoint_class_images_or_token(recording_hub, pipeline_cache):
     from train.dreambooth import trainer as dreambooth
 

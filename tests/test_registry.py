@@ -116,6 +116,7 @@ def test_both_trainers_offer_every_registered_method(diag):
         dreambooth.parse_args(["--method", "diag"])
 
 
+@pytest.mark.trainer
 def test_a_short_vtab_run_trains_and_saves_the_method(diag, tmp_path):
     metrics = vtab.main(["--method", "diag", "--epochs", "1", "--quiet", "--output-dir", str(tmp_path)])
     assert metrics["finished"] and metrics["args"]["lr"] == vtab.FALLBACK_LR
@@ -132,6 +133,7 @@ def test_a_short_vtab_run_trains_and_saves_the_method(diag, tmp_path):
     assert accuracy == pytest.approx(metrics["test_acc"], abs=1e-3)
 
 
+@pytest.mark.trainer
 def test_a_dreambooth_step_saves_the_method_and_its_full_delta_lora(diag, tmp_path):
     build_pipeline(seed=0).save_pretrained(tmp_path / "pipe")
     result = dreambooth.main([

@@ -23,7 +23,7 @@ from train.common.resume_args import ResumeArgumentError
 from train.dreambooth import trainer as dreambooth
 from train.vtab import trainer as vtab
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.trainer, pytest.mark.usefixtures("one_thread")]
 EPOCHS = 3
 #: metrics.json fields that hold times or say where and how the run was invoked, not what it computed
 UNCOMPARED = {"setup_s", "train_s", "peak_mib", "saved", "resumes"}
@@ -235,6 +235,7 @@ def test_dreambooth_latest_without_a_checkpoint_starts_the_run(dreambooth_cut, t
     assert "no checkpoint" in capsys.readouterr().out
 
 
+@pytest.mark.multiprocess
 def test_two_processes_stop_and_resume_exactly(task, tmp_path):
     """Two CPU processes (a gloo group, as tests/test_vtab.py launches them): each writes its own random states into
     the checkpoint, the main process seals it, and the resumed run equals the uninterrupted one. (--protocol final:

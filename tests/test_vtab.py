@@ -20,6 +20,8 @@ from train.vtab import trainer as vtab
 from train.vtab.data import Preprocess, folder_splits
 from train.vtab.folder import VTABFolderError, read_list, write_folder
 
+pytestmark = pytest.mark.trainer
+
 ROOT = Path(__file__).resolve().parent.parent
 PREPROCESS = Preprocess((32, 32), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
@@ -155,6 +157,7 @@ def test_suite_runs_every_method_writes_reports_and_skips_finished_runs(tmp_path
     assert (tmp_path / "combined.png").stat().st_size > 10_000
 
 
+@pytest.mark.multiprocess
 def test_two_processes_agree_with_each_other_and_with_one(tmp_path):
     common = ["-m", "train.vtab", "--task", "location", "--epochs", "1", "--adapter-dropout", "0", "--quiet",
               "--batch-size", "32", "--cpu"]

@@ -11,7 +11,7 @@ from bench.zoo import Entry
 from psoft_vision.layer import AdaptedLayer
 from psoft_vision.methods.psoft import PSOFTAdapter
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.bench, pytest.mark.usefixtures("one_thread")]
 
 #: One family per kind of layer handling; smaller builds than the sweep's where its model takes seconds.
 SUBSET = [
