@@ -5,8 +5,10 @@ import json
 import re
 
 import pytest
+from helpers import DIAG
 
 import bench
+import psoft_vision as pv
 
 pytestmark = pytest.mark.bench
 
@@ -63,3 +65,14 @@ def test_ops_per_step_meet_the_targets_with_no_sync(tmp_path):
     assert by["psoft-neumann"]["step_ops"] <= lora and by["oft"]["step_ops"] <= lora
     assert {r["step_syncs"] for r in by.values()} == {0}
     assert "ops/step" in (tmp_path / "results.md").read_text().splitlines()[0]
+
+
+def test_a_method_registered_by_a_test_is_measured():
+    """tests/helpers.py's Diag, registered here alone (tests/test_registry.py follows it through the trainers)."""
+    pv.register_method(DIAG)
+    try:
+        assert "diag" in bench.methods.methods()
+        result = bench.run_config("test-vit", "diag", steps=1, warmup=1, device="cpu")
+    finally:
+        pv.unregister_method("diag")
+    assert result["trainable"] > 0 and result["adapter_bytes"] > 0 and result["infer_merged_ms"] > 0

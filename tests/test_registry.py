@@ -1,15 +1,19 @@
-"""A third method, defined in this file and registered through psoft_vision's registry alone: it injects as the
-identity, saves, loads onto a fresh model, merges, is offered by both trainers' --method and trains in them, with no
-other file changed."""
+"""A third method, defined in the tests (tests/helpers.py: Diag) and registered through psoft_vision's registry alone:
+it injects as the identity, saves, loads onto a fresh model, merges, is offered by both trainers' --method with its
+own flags and learning rates, and trains, saves and exports in them, with no other file changed (the benchmark
+measures it too: tests/test_bench.py)."""
 
 import copy
-from dataclasses import dataclass
+import dataclasses
 
 import pytest
 import torch
+from helpers import DIAG, DiagConfig
 from torch import nn
 
 import psoft_vision as pv
+from psoft_vision.testing import randomize_adapters
+from train.common.methods import build_config
 from train.dreambooth import trainer as dreambooth
 from train.offline.pretrain_t2i import build_pipeline
 from train.vtab import trainer as vtab
@@ -18,44 +22,9 @@ from train.vtab.data import Preprocess
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@dataclass(kw_only=True)
-class DiagConfig(pv.AdapterConfig):
-    """No settings of its own: one scale per input channel of every target layer."""
-
-    method = "diag"
-
-
-class DiagAdapter(pv.Adapter):
-    """``W' = W diag(s)``: each input feature (Linear) or input channel (Conv2d) scaled by a learnable ``s``, ones
-    at init. Scaling the input rather than the output keeps ``forward`` equal to the merged layer where the layer
-    has a bias, which merging leaves alone."""
-
-    method = "diag"
-
-    def __init__(self, base, config: DiagConfig):
-        super().__init__(config)
-        self.conv = base.conv is not None
-        self.s = nn.Parameter(torch.ones(base.in_features, device=base.device))
-
-    def scales(self) -> torch.Tensor:
-        return self.at_strength(self.s, 1.0)
-
-    def forward(self, x: torch.Tensor, inner) -> torch.Tensor:
-        s = self.scales().to(x.dtype)
-        return inner(x * s[:, None, None] if self.conv else x * s)
-
-    def merge_into(self, weight: torch.Tensor) -> torch.Tensor:
-        s = self.scales().view(1, -1, *[1] * (weight.ndim - 2))
-        return (weight.float() * s).to(weight.dtype)
-
-    def describe(self) -> dict:
-        return {"channels": self.s.numel()}
-
-
 @pytest.fixture
 def diag():
-    method = pv.register_method(pv.Method("diag", DiagConfig, DiagAdapter, size_field=None,
-                                          summary="a learnable scale per input channel (a test method)"))
+    method = pv.register_method(DIAG)
     yield method
     pv.unregister_method("diag")
 
@@ -145,4 +114,96 @@ def test_a_dreambooth_step_saves_the_method_and_its_full_delta_lora(diag, tmp_pa
     base = dreambooth.load_pipeline(tmp_path / "pipe", torch.device("cpu"))
     pv.inject(base.unet, DiagConfig())
     assert set(header["layers"]) == {name for name, _ in pv.adapted_layers(base.unet)}
+    assert (tmp_path / "out" / "lora" / "pytorch_lora_weights.safetensors").stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------------- what a method declares
+#: Diag with learning rates of its own for both trainers.
+DECLARED = dataclasses.replace(DIAG, learning_rates={"vtab": 3e-2, "dreambooth": 2e-3})
+
+
+@pytest.fixture
+def declared():
+    method = pv.register_method(DECLARED)
+    yield method
+    pv.unregister_method("diag")
+
+
+@pytest.mark.parametrize("name", ["psoft", "oft"])
+def test_a_shipped_method_declares_the_identity_of_each_parameter(name):
+    method = pv.get_method(name)
+    model = Tiny().requires_grad_(False)
+    x = torch.randn(2, 3, 6, 6)
+    before = model(x)
+    pv.inject(model, method.config(targets=["fc"], **{method.size_field: 4}))
+    assert {n.rpartition(".")[2] for n, p in model.named_parameters() if p.requires_grad} == set(method.identity)
+    randomize_adapters(model, std=0.0)  # every parameter at its declared identity value
+    assert (model(x) - before).abs().max() <= 1e-6
+    randomize_adapters(model)
+    assert (model(x) - before).abs().max() > 1e-3
+
+
+def test_a_parameter_without_a_declared_identity_is_named():
+    pv.register_method(dataclasses.replace(DIAG, identity={}))
+    try:
+        model = pv.inject(Tiny().requires_grad_(False), DiagConfig(targets=["fc"]))
+        with pytest.raises(pv.ConfigError, match=r"DiagAdapter.s: method 'diag' declares no identity value"):
+            randomize_adapters(model)
+    finally:
+        pv.unregister_method("diag")
+
+
+def test_a_size_pattern_must_be_a_field_that_patterns_the_size():
+    with pytest.raises(pv.ConfigError, match="not a field of DiagConfig"):
+        pv.register_method(dataclasses.replace(DIAG, size_pattern_field="limit_pattern"))
+    with pytest.raises(pv.ConfigError, match="needs the size_field"):
+        pv.register_method(dataclasses.replace(DIAG, size_pattern_field="limit"))
+    assert "diag" not in pv.registered_methods()
+
+
+def test_config_fields_become_flags_of_both_trainers_with_the_method_learning_rates(declared):
+    args = vtab.parse_args(["--method", "diag", "--limit", "0.25"])
+    assert args.lr == 3e-2 and build_config(declared, args).limit == 0.25
+    assert build_config(declared, vtab.parse_args(["--method", "diag", "--limit", "none"])).limit is None
+    assert build_config(declared, vtab.parse_args(["--method", "diag"])).limit is None  # the config's default
+    args = dreambooth.parse_args(["--method", "diag", "--limit", "0.25"])
+    assert args.learning_rate == 2e-3 and build_config(declared, args).limit == 0.25
+    # the shipped methods' fields too, under the names the trainers had before
+    oft = vtab.parse_args(["--method", "oft", "--block-size", "8", "--block-size-pattern", "fc1=16", "--neumann-terms",
+                           "none"])
+    assert build_config(pv.get_method("oft"), oft) == pv.OFTConfig(block_size=8, block_size_pattern={"fc1": 16},
+                                                                     neumann_terms=None)
+    psoft = dreambooth.parse_args(["--rank", "4", "--no-train_alpha", "--split_qkv", "--svd", "lowrank"])
+    assert build_config(pv.get_method("psoft"), psoft) == pv.PSOFTConfig(rank=4, train_alpha=False, split_qkv=True,
+                                                                          svd="lowrank")
+    pv.unregister_method("diag")
+    with pytest.raises(SystemExit):  # the flag goes with the method
+        vtab.parse_args(["--limit", "0.25"])
+
+
+@pytest.mark.trainer
+def test_a_declared_method_trains_saves_loads_and_exports_with_its_flags_in_both_trainers(declared, tmp_path):
+    metrics = vtab.main(["--method", "diag", "--limit", "0.25", "--epochs", "1", "--quiet", "--output-dir",
+                         str(tmp_path / "vtab")])
+    assert metrics["finished"] and metrics["args"]["lr"] == 3e-2
+    header, _ = pv.read_adapter(tmp_path / "vtab" / "adapter.safetensors")
+    assert header["config"]["limit"] == 0.25
+    model = vtab.create_model(vtab.parse_args(["--method", "diag"]), num_classes=metrics["classes"]).eval()
+    fresh = copy.deepcopy(model)
+    pv.load_adapter(model, tmp_path / "vtab" / "adapter.safetensors")
+    assert {adapter.limit for _, layer in pv.adapted_layers(model) for adapter in layer.adapters.values()} == {0.25}
+    import peft
+    exported = pv.export_lora(model, tmp_path / "peft", format="peft", full_deltas=True)
+    loaded = peft.PeftModel.from_pretrained(fresh, exported).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert ((loaded(x) - model(x)).norm() / model(x).norm()).item() <= 1e-5
+
+    build_pipeline(seed=0).save_pretrained(tmp_path / "pipe")
+    result = dreambooth.main([
+        "--method", "diag", "--limit", "0.25", "--pretrained_model_name_or_path", str(tmp_path / "pipe"),
+        "--output_dir", str(tmp_path / "out"), "--no-with_prior_preservation", "--max_train_steps", "1",
+        "--train_batch_size", "1", "--num_validation_images", "1", "--num_inference_steps", "2", "--quiet"])
+    header, _ = pv.read_adapter(result["adapter"])
+    assert result["finished"] and header["config"]["limit"] == 0.25 and result["args"]["learning_rate"] == 2e-3
     assert (tmp_path / "out" / "lora" / "pytorch_lora_weights.safetensors").stat().st_size > 0
