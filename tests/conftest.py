@@ -5,7 +5,7 @@ import torch
 
 #: The markers of tests that are not the library's own quick ones (pyproject.toml registers them): each also gets
 #: ``slow``, so ``pytest -m "not slow"`` runs the library's tests alone.
-SLOW = ("app", "multiprocess", "trainer", "bench", "zoo")
+SLOW = ("app", "multiprocess", "trainer", "bench", "compile", "zoo")
 
 
 def pytest_collection_modifyitems(items):

@@ -70,6 +70,7 @@ def test_grad_checkpointing_gives_the_same_gradients(model_name, method):
 
 
 # ------------------------------------------------------------------------------------------------ torch.compile
+@pytest.mark.compile
 @pytest.mark.parametrize("method", list(CONFIGS))
 @pytest.mark.parametrize("model_name", ["vit", "convnext"])
 def test_compiled_model_is_one_graph_with_the_same_outputs_and_gradients(model_name, method):
@@ -85,6 +86,7 @@ def test_compiled_model_is_one_graph_with_the_same_outputs_and_gradients(model_n
     assert_close(grads, expected, 1e-5)
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("method", list(CONFIGS))
 def test_inference_forward_has_no_graph_break(method):
     """Eval mode without gradients takes the adapters' cached transforms: still one graph."""
