@@ -37,11 +37,12 @@ class Method:
     #: loaded file gives each layer its saved size through it, and DreamBooth's per-module-type sizes fill it.
     size_pattern_field: str | None = None
     #: ``{parameter name: value}``: each adapter parameter's value where the adapter is the identity (PSOFT's ``q``
-    #: 0, its scalings ``alpha`` / ``beta`` 1), which ``at_strength`` moves toward and tests move away from.
-    identity: Mapping[str, float] = field(default_factory=dict)
+    #: 0, its scalings ``alpha`` / ``beta`` 1), which ``at_strength`` moves toward and tests move away from. (This
+    #: dict and the next are left out of the hash, so that a Method stays hashable.)
+    identity: Mapping[str, float] = field(default_factory=dict, hash=False)
     #: ``{trainer: learning rate}``: where ``python -m train.vtab`` / ``train.dreambooth`` start without ``--lr``
     #: (each trainer has a fallback for a method that names none).
-    learning_rates: Mapping[str, float] = field(default_factory=dict)
+    learning_rates: Mapping[str, float] = field(default_factory=dict, hash=False)
     #: One line for ``--help`` and the app.
     summary: str = ""
     #: How people write its name ("PSOFT", "OFTv2"); the registered name when empty.

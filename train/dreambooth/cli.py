@@ -223,5 +223,5 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
     if args.max_grad_norm is not None and args.max_grad_norm <= 0:
         raise DreamBoothError(f"--max_grad_norm must be positive, got {args.max_grad_norm}; leave it out for none.")
     for flag in dict.fromkeys(("rank_pattern", *size_pattern_fields())):  # named errors before anything loads
-        parse_pattern(getattr(args, flag), f"--{flag}")
+        parse_pattern(getattr(args, flag, None), f"--{flag}")
     return args
