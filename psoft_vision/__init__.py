@@ -15,6 +15,7 @@ from .errors import (
     LoRAExportError,
     MergeError,
     NotLowRankError,
+    OutputPathError,
     PSOFTVisionError,
     TargetNotFoundError,
     UnsupportedLayerError,
@@ -24,7 +25,17 @@ from .export_oft import export_oft
 from .inject import inject, trainable_summary
 from .io import load_adapter, read_adapter, save_adapter
 from .layer import AdaptedLayer
-from .lifecycle import activate, adapted_layers, adapter_names, disabled, merge, remove, set_strength, unmerge
+from .lifecycle import (
+    activate,
+    adapted_layers,
+    adapter_names,
+    disabled,
+    merge,
+    merge_and_unload,
+    remove,
+    set_strength,
+    unmerge,
+)
 from .methods import OFTConfig, PSOFTConfig
 from .quantized import quantize_base
 from .registry import Method, get_method, register_method, registered_methods, unregister_method
@@ -47,6 +58,7 @@ __all__ = [
     "Method",
     "NotLowRankError",
     "OFTConfig",
+    "OutputPathError",
     "PSOFTConfig",
     "PSOFTVisionError",
     "TargetNotFoundError",
@@ -61,6 +73,7 @@ __all__ = [
     "inject",
     "load_adapter",
     "merge",
+    "merge_and_unload",
     "quantize_base",
     "read_adapter",
     "register_method",

@@ -54,3 +54,9 @@ class NotLowRankError(LoRAExportError):
 
 class MergeError(PSOFTVisionError, ValueError):
     """Adapters cannot be merged into these layers (quantized bases)."""
+
+
+class OutputPathError(PSOFTVisionError, OSError):
+    """A path to write cannot take the file or folder: it is not a regular file (a device, a FIFO, a directory), its
+    folder is a file, or the file system refused the write (read-only, full, permissions). What was there before is
+    left as it was."""

@@ -14,11 +14,24 @@ from .layer import AdaptedLayer
 REQUIRES_GRAD = "_psoft_vision_requires_grad"
 
 
-def uncompiled(model):
-    """The module ``torch.compile(module)`` wraps, or ``model`` itself: adapter files and exports name layers as the
-    model defines them, not with the wrapper's ``_orig_mod.`` prefix."""
-    inner = getattr(model, "_orig_mod", None)
-    return inner if isinstance(model, nn.Module) and isinstance(inner, nn.Module) else model
+#: Wrappers that hold the model as ``.module`` and prefix every name with ``module.``: DDP, DataParallel, FSDP1
+#: (also what accelerate's ``prepare`` returns for them) and DeepSpeed's engine.
+_MODULE_WRAPPERS = frozenset({"DistributedDataParallel", "DataParallel", "FullyShardedDataParallel",
+                              "DeepSpeedEngine"})
+
+
+def unwrapped(model):
+    """The model inside the wrappers that training code puts around it (``torch.compile``'s ``_orig_mod``, DDP,
+    DataParallel, FSDP1, DeepSpeed, in any nesting), or ``model`` itself: adapter files and exports name layers as
+    the model defines them, not with a wrapper's ``_orig_mod.`` or ``module.`` prefix."""
+    while isinstance(model, nn.Module):
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module) and type(model).__name__ in _MODULE_WRAPPERS:
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+    return model
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
@@ -65,6 +78,13 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
     if name is not None:
         _check_names(model, [name])
     layers = {n: layer for n, layer in adapted_layers(model) if name is None or name in layer.active}
+    _refuse_quantized(layers)
+    for layer in layers.values():
+        layer.merge(upto=name)
+    return model
+
+
+def _refuse_quantized(layers: dict[str, AdaptedLayer]) -> None:
     quantized = {n: layer.kind.quantized for n, layer in layers.items() if layer.kind.quantized}
     if quantized:
         first, kinds = next(iter(quantized)), sorted(set(quantized.values()))
@@ -74,8 +94,22 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
             "quantization step. Keep the adapters unmerged, export them with psoft_vision.export_lora and load the "
             "LoRA onto the quantized base, or load the adapter file onto a floating copy of the base and merge there."
         )
-    for layer in layers.values():
-        layer.merge(upto=name)
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Bake the active adapters into the base weights and take every adapter out: each adapted layer becomes its
+    original module again (``nn.Linear``, ``nn.Conv2d``, timm's or diffusers' own class) holding the merged weight,
+    and every parameter gets back the requires_grad flag it had before the first inject. Returns ``model`` (or
+    the wrapper it was passed in), now an ordinary model for ``save_pretrained`` / ``from_pretrained``,
+    ``torch.export``, ``torch.jit.script`` and ONNX. Inactive adapters are dropped; nothing can be unmerged
+    afterwards. Refused on quantized bases, as :func:`merge` is, before anything changes."""
+    inner = unwrapped(model)
+    layers = dict(adapted_layers(inner))
+    _refuse_quantized(layers)
+    for layer_name, layer in layers.items():
+        layer.merge()
+        inner.set_submodule(layer_name, layer.base)
+    _restore_requires_grad(inner)
     return model
 
 
@@ -162,7 +196,12 @@ def remove(model: nn.Module, name: str | None = None) -> nn.Module:
         if name is None or not layer.adapters:
             model.set_submodule(layer_name, layer.base)
     if not adapter_names(model):
-        flags = model.__dict__.pop(REQUIRES_GRAD, {})
-        for param_name, p in model.named_parameters():
-            p.requires_grad_(flags.get(param_name, p.requires_grad))
+        _restore_requires_grad(model)
     return model
+
+
+def _restore_requires_grad(model: nn.Module) -> None:
+    """Every parameter's requires_grad flag as it was before the first inject (kept under :data:`REQUIRES_GRAD`)."""
+    flags = model.__dict__.pop(REQUIRES_GRAD, {})
+    for param_name, p in model.named_parameters():
+        p.requires_grad_(flags.get(param_name, p.requires_grad))
