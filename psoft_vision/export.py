@@ -39,7 +39,7 @@ from .diffusers import denoiser
 from .errors import AdapterNameError, ConfigError, LoRAExportError, NotLowRankError
 from .files import atomic_folder, atomic_write, check_name, ordinary_permissions
 from .layer import AdaptedLayer
-from .lifecycle import adapted_layers, adapter_names, one_adapter_name, unwrapped
+from .lifecycle import adapted_layers, adapter_names, one_adapter_name, plainly_named_layers, unwrapped
 from .targets import candidate_modules
 
 FORMATS = ("diffusers", "peft", "kohya")
@@ -76,7 +76,7 @@ def holding(model: nn.Module, name: str) -> list[tuple[str, AdaptedLayer, nn.Mod
     """``(layer name, layer, adapter)`` for every layer that holds adapter ``name``; warns (once each) when other
     adapters are active on those layers or ``name`` is not active, since an export holds its update alone."""
     found, stacked, inactive = [], [], []
-    for layer_name, layer in adapted_layers(model):
+    for layer_name, layer in plainly_named_layers(model):
         if name not in layer.adapters:
             continue
         found.append((layer_name, layer, layer.adapters[name]))

@@ -27,7 +27,7 @@ from .header import FORMAT, FORMAT_VERSION, check_sizes, parse
 from .identify import describe_foreign
 from .inject import inject
 from .layer import AdaptedLayer
-from .lifecycle import _unmerged, adapted_layers, one_adapter_name, remove, set_strength, unwrapped
+from .lifecycle import _unmerged, one_adapter_name, plainly_named_layers, remove, set_strength, unwrapped
 from .registry import get_method
 
 #: Config fields renamed since they were first written to files: old name -> new name.
@@ -49,7 +49,7 @@ def _file_tensors(model: nn.Module, name: str, train_modules, include_bases: boo
     """Every tensor an adapter file holds, by key (see the module docstring): detached views of the model's own
     tensors, which loading copies into, and the anchors, which the adapters compute."""
     tensors = {}
-    for layer_name, layer in adapted_layers(model):
+    for layer_name, layer in plainly_named_layers(model):
         if name in layer.adapters:
             adapter = layer.adapters[name]
             tensors.update({f"{layer_name}.{key}": p.detach() for key, p in adapter.named_parameters()})
@@ -78,7 +78,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     name = one_adapter_name(model, name)
     path = Path(path)
     layers, fingerprints = {}, {}
-    for layer_name, layer in adapted_layers(model):
+    for layer_name, layer in plainly_named_layers(model):
         if name in layer.adapters:
             adapter = layer.adapters[name]
             layers[layer_name] = adapter.describe()
@@ -247,7 +247,7 @@ def _load_tensors(model, name, header, config, tensors, path) -> None:
                                f"{wrong[:3]}; the file was edited or written by other code.")
     anchor_keys = set()
     with torch.no_grad():
-        for layer_name, layer in adapted_layers(model):
+        for layer_name, layer in plainly_named_layers(model):
             if name in layer.adapters and header.get("anchors"):
                 adapter = layer.adapters[name]
                 keys = {k: f"{layer_name}.anchor.{k}" for k in adapter.anchors()}

@@ -34,11 +34,28 @@ def unwrapped(model):
     return model
 
 
+#: Attributes under which wrappers inside a model hold what they wrap (FSDP1's auto-wrapped blocks, activation
+#: checkpointing, a compiled submodule): not part of a layer's name as the model defines it.
+_INNER_WRAPPERS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+
+
+def plain_name(name: str) -> str:
+    """``name`` without the wrapper attributes in it: ``blocks.0._fsdp_wrapped_module.attn.qkv`` is
+    ``blocks.0.attn.qkv``, the name adapter files and exports use."""
+    return ".".join(part for part in name.split(".") if part not in _INNER_WRAPPERS)
+
+
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
     """``(name, layer)`` for every adapted layer of ``model``."""
     for name, module in model.named_modules():
         if isinstance(module, AdaptedLayer):
             yield name, module
+
+
+def plainly_named_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
+    """:func:`adapted_layers` under the names files use (:func:`plain_name`)."""
+    for name, layer in adapted_layers(model):
+        yield plain_name(name), layer
 
 
 def adapter_names(model: nn.Module) -> list[str]:
