@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from .errors import AdapterNameError, ConfigError, MergeError
+from .foreign import release_fusion
 from .layer import AdaptedLayer
 
 #: The attribute under which inject keeps the model's requires_grad flags from before its first adapter.
@@ -116,17 +117,18 @@ def _refuse_quantized(layers: dict[str, AdaptedLayer]) -> None:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Bake the active adapters into the base weights and take every adapter out: each adapted layer becomes its
     original module again (``nn.Linear``, ``nn.Conv2d``, timm's or diffusers' own class) holding the merged weight,
-    and every parameter gets back the requires_grad flag it had before the first inject. Returns ``model`` (or
-    the wrapper it was passed in), now an ordinary model for ``save_pretrained`` / ``from_pretrained``,
-    ``torch.export``, ``torch.jit.script`` and ONNX. Inactive adapters are dropped; nothing can be unmerged
-    afterwards. Refused on quantized bases, as :func:`merge` is, before anything changes."""
+    and every parameter gets back the requires_grad flag it had before the first inject. Returns ``model`` (or the
+    wrapper it was passed in), now an ordinary model for ``save_pretrained`` / ``from_pretrained``,
+    ``torch.export``, ``torch.jit.script``, ONNX and diffusers' ``fuse_qkv_projections``. Inactive adapters are
+    dropped; nothing can be unmerged afterwards. Refused on quantized bases, as :func:`merge` is, before anything
+    changes."""
     inner = unwrapped(model)
     layers = dict(adapted_layers(inner))
     _refuse_quantized(layers)
     for layer_name, layer in layers.items():
         layer.merge()
         inner.set_submodule(layer_name, layer.base)
-    _restore_requires_grad(inner)
+    _undo_inject(inner)
     return model
 
 
@@ -213,12 +215,14 @@ def remove(model: nn.Module, name: str | None = None) -> nn.Module:
         if name is None or not layer.adapters:
             model.set_submodule(layer_name, layer.base)
     if not adapter_names(model):
-        _restore_requires_grad(model)
+        _undo_inject(model)
     return model
 
 
-def _restore_requires_grad(model: nn.Module) -> None:
-    """Every parameter's requires_grad flag as it was before the first inject (kept under :data:`REQUIRES_GRAD`)."""
+def _undo_inject(model: nn.Module) -> None:
+    """Once the last adapter is gone, what inject set on the model as a whole: every parameter's requires_grad flag
+    as it was before the first inject (kept under :data:`REQUIRES_GRAD`), and diffusers' fusion allowed again."""
+    release_fusion(model)
     flags = model.__dict__.pop(REQUIRES_GRAD, {})
     for param_name, p in model.named_parameters():
         p.requires_grad_(flags.get(param_name, p.requires_grad))
