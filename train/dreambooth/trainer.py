@@ -37,6 +37,7 @@ import psoft_vision as pv
 from psoft_vision.memory import peak_memory_mib, reset_peak_memory
 
 from ..common.checkpoint import find_checkpoint, is_checkpoint, load_checkpoint, write_checkpoint
+from ..common.images import check_images
 from ..common.metrics_files import recorded_args, write_csv, write_json
 from ..common.resume_args import check_resume_args
 from . import cli
@@ -210,6 +211,9 @@ def build(args, accelerator) -> Training:
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     instance_paths = list_images(args.instance_data_dir, "--instance_data_dir")
+    check_images(instance_paths)  # a bad image fails now, with its name, not after the model is loaded
+    if args.with_prior_preservation and args.class_data_dir.exists():
+        check_images(list_images(args.class_data_dir, "--class_data_dir", allow_empty=True))
     pipe = load_pipeline(Path(args.pretrained_model_name_or_path), accelerator.device)
     family = family_of(pipe)
     denoiser = pipe.unet if family.objective == "ddpm" else pipe.transformer
