@@ -26,7 +26,7 @@ FORMAT_VERSION = 2  # 2: anchors, strength, fingerprint probes normalised by the
 #: overflow (a strength of 1e308 gives infinities).
 MAX_STRENGTH = 100.0
 _FIELDS = {"method": str, "name": str, "config": dict, "layers": dict, "fingerprints": dict, "include_bases": bool}
-_OPTIONAL = {"anchors": bool, "strength": int | float, "format_version": int}
+_OPTIONAL = {"anchors": bool, "strength": int | float}
 _V1_SKETCH = 4  # probes of a fingerprint written by psoft_vision 0.1
 
 
@@ -65,12 +65,14 @@ def parse(path: Path, text: str) -> dict:
     if not isinstance(header, dict):
         raise AdapterFileError(f"{str(path)!r} has psoft_vision metadata that is not a JSON object; save it again.")
     version = header.get("format_version", 0)
-    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise _damaged(path, f"format_version {version!r} is not an integer")
+    if version > FORMAT_VERSION:
         raise AdapterVersionError(f"{str(path)!r} has adapter format version {version!r}, newer than the "
                                   f"{FORMAT_VERSION} this psoft_vision reads; upgrade psoft_vision.")
     wrong = [f"{k} ({t.__name__})" for k, t in _FIELDS.items() if not isinstance(header.get(k), t)]
     wrong += [k for k, t in _OPTIONAL.items() if k in header and not isinstance(header[k], t)]
-    wrong += [k for k in ("strength", "format_version") if isinstance(header.get(k), bool)]
+    wrong += ["strength"] if isinstance(header.get("strength"), bool) else []
     if wrong:
         raise AdapterFileError(f"{str(path)!r} has psoft_vision metadata without valid fields {wrong}; the file was "
                                "edited or written by other code: save the adapter again.")
