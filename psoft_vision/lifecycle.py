@@ -119,9 +119,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     original module again (``nn.Linear``, ``nn.Conv2d``, timm's or diffusers' own class) holding the merged weight,
     and every parameter gets back the requires_grad flag it had before the first inject. Returns ``model`` (or the
     wrapper it was passed in), now an ordinary model for ``save_pretrained`` / ``from_pretrained``,
-    ``torch.export``, ``torch.jit.script``, ONNX and diffusers' ``fuse_qkv_projections``. Inactive adapters are
-    dropped; nothing can be unmerged afterwards. Refused on quantized bases, as :func:`merge` is, before anything
-    changes."""
+    ``torch.export``, ``torch.jit.script`` and diffusers' ``fuse_qkv_projections``. Inactive adapters are dropped;
+    nothing can be unmerged afterwards. Refused on quantized bases, as :func:`merge` is, before anything changes."""
     inner = unwrapped(model)
     layers = dict(adapted_layers(inner))
     _refuse_quantized(layers)
