@@ -3,11 +3,10 @@ used: a file is untrusted input (an app takes uploads), so every malformed or un
 :class:`~psoft_vision.errors.AdapterFileError` that names it, never a raw Python error, a hang or a huge allocation.
 
 What is checked here, from the file alone: JSON without duplicate keys or runaway nesting; the top-level fields'
-types; the strength (a finite number within :data:`MAX_STRENGTH`); each layer's facts (an object, its size field a
-positive integer); each fingerprint (an object with the shape, norm and probes its version
-has). The config's values are checked by the method's config class when the file is loaded (Neumann terms
-included: :data:`psoft_vision.config.MAX_NEUMANN_TERMS`), and each layer's size against the model's layer by
-:func:`check_sizes`.
+types; the strength (a finite number within :data:`MAX_STRENGTH`); each layer's facts (an object); each fingerprint
+(an object with the shape, norm and probes its version has). The config's values are checked by the method's config
+class when the file is loaded (Neumann terms included: :data:`psoft_vision.config.MAX_NEUMANN_TERMS`), and each
+layer's size (a positive integer) against the model's layer by :func:`check_sizes`.
 """
 
 import json
@@ -94,10 +93,6 @@ def _check_layers(path: Path, layers: dict) -> None:
         if not isinstance(facts, dict):
             raise _damaged(path, f"layer {layer_name!r} is described by {type(facts).__name__} {facts!r}, not an "
                                  "object")
-        for field in ("rank", "block_size"):
-            if field in facts and not (isinstance(facts[field], int) and not isinstance(facts[field], bool)
-                                       and facts[field] >= 1):
-                raise _damaged(path, f"layer {layer_name!r} has {field} {facts[field]!r}, not a positive integer")
 
 
 def _check_fingerprints(path: Path, fingerprints: dict) -> None:
@@ -126,12 +121,15 @@ def _input_width(module: nn.Module) -> int | None:
 
 
 def check_sizes(model: nn.Module, header: dict, size_field: str | None, path: Path) -> None:
-    """Each layer's saved size (PSOFT's rank, OFT's block size) no larger than the model layer's input width, which
-    bounds both: a larger one was written for another model, or edited."""
+    """Each layer's saved size (the method's ``size_field``: PSOFT's rank, OFT's block size) a positive integer no
+    larger than the model layer's input width, which bounds both: a larger one was written for another model, or
+    edited."""
     if not size_field:
         return
     for layer_name, facts in header["layers"].items():
         size, width = facts.get(size_field), _input_width(model.get_submodule(layer_name))
+        if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and size >= 1):
+            raise _damaged(path, f"layer {layer_name!r} has {size_field} {size!r}, not a positive integer")
         if size is not None and width is not None and size > width:
             raise KeyMismatchError(f"{str(path)!r} asks for {size_field} {size} on {layer_name!r}, whose input width "
                                    f"is {width}; the file was written for another model, or edited.")
