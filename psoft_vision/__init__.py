@@ -20,6 +20,7 @@ from .errors import (
     MergeError,
     MissingExtraError,
     NotLowRankError,
+    OutputPathError,
     PSOFTVisionError,
     TargetNotFoundError,
     UnsupportedLayerError,
@@ -31,7 +32,17 @@ from .hub import push_to_hub
 from .inject import inject, trainable_summary
 from .io import load_adapter, read_adapter, save_adapter
 from .layer import AdaptedLayer
-from .lifecycle import activate, adapted_layers, adapter_names, disabled, merge, remove, set_strength, unmerge
+from .lifecycle import (
+    activate,
+    adapted_layers,
+    adapter_names,
+    disabled,
+    merge,
+    merge_and_unload,
+    remove,
+    set_strength,
+    unmerge,
+)
 from .methods import OFTConfig, PSOFTConfig
 from .quantized import quantize_base
 from .registry import Method, get_method, register_method, registered_methods, unregister_method
@@ -59,6 +70,7 @@ __all__ = [
     "MissingExtraError",
     "NotLowRankError",
     "OFTConfig",
+    "OutputPathError",
     "PSOFTConfig",
     "PSOFTVisionError",
     "TargetNotFoundError",
@@ -74,6 +86,7 @@ __all__ = [
     "inject",
     "load_adapter",
     "merge",
+    "merge_and_unload",
     "push_to_hub",
     "quantize_base",
     "read_adapter",

@@ -9,17 +9,42 @@ from torch import nn
 
 from . import batching
 from .errors import AdapterNameError, ConfigError, MergeError, WeightsNotLoadedError
+from .foreign import release_fusion
 from .layer import AdaptedLayer
 
 #: The attribute under which inject keeps the model's requires_grad flags from before its first adapter.
 REQUIRES_GRAD = "_psoft_vision_requires_grad"
 
 
-def uncompiled(model):
-    """The module ``torch.compile(module)`` wraps, or ``model`` itself: adapter files and exports name layers as the
-    model defines them, not with the wrapper's ``_orig_mod.`` prefix."""
-    inner = getattr(model, "_orig_mod", None)
-    return inner if isinstance(model, nn.Module) and isinstance(inner, nn.Module) else model
+#: Wrappers that hold the model as ``.module`` and prefix every name with ``module.``: DDP, DataParallel, FSDP1
+#: (also what accelerate's ``prepare`` returns for them) and DeepSpeed's engine.
+_MODULE_WRAPPERS = frozenset({"DistributedDataParallel", "DataParallel", "FullyShardedDataParallel",
+                              "DeepSpeedEngine"})
+
+
+def unwrapped(model):
+    """The model inside the wrappers that training code puts around it (``torch.compile``'s ``_orig_mod``, DDP,
+    DataParallel, FSDP1, DeepSpeed, in any nesting), or ``model`` itself: adapter files and exports name layers as
+    the model defines them, not with a wrapper's ``_orig_mod.`` or ``module.`` prefix."""
+    while isinstance(model, nn.Module):
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module) and type(model).__name__ in _MODULE_WRAPPERS:
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+    return model
+
+
+#: Attributes under which wrappers inside a model hold what they wrap (FSDP1's auto-wrapped blocks, activation
+#: checkpointing, a compiled submodule): not part of a layer's name as the model defines it.
+_INNER_WRAPPERS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+
+
+def plain_name(name: str) -> str:
+    """``name`` without the wrapper attributes in it: ``blocks.0._fsdp_wrapped_module.attn.qkv`` is
+    ``blocks.0.attn.qkv``, the name adapter files and exports use."""
+    return ".".join(part for part in name.split(".") if part not in _INNER_WRAPPERS)
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
@@ -39,6 +64,12 @@ def require_loaded(layers: dict[str, AdaptedLayer], doing: str) -> None:
             f"accelerate's cpu_offload, enable_sequential_cpu_offload or a device_map, or never loaded), so {doing} "
             "cannot read them. Do it before offloading, or after accelerate.hooks.remove_hook_from_submodules(model) "
             "and loading the weights back.")
+
+
+def plainly_named_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
+    """:func:`adapted_layers` under the names files use (:func:`plain_name`)."""
+    for name, layer in adapted_layers(model):
+        yield plain_name(name), layer
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -79,6 +110,13 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
         _check_names(model, [name])
     layers = {n: layer for n, layer in adapted_layers(model) if name is None or name in layer.active}
     require_loaded(layers, "merge")
+    _refuse_quantized(layers)
+    for layer in layers.values():
+        layer.merge(upto=name)
+    return model
+
+
+def _refuse_quantized(layers: dict[str, AdaptedLayer]) -> None:
     quantized = {n: layer.kind.quantized for n, layer in layers.items() if layer.kind.quantized}
     if quantized:
         first, kinds = next(iter(quantized)), sorted(set(quantized.values()))
@@ -88,8 +126,24 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
             "quantization step. Keep the adapters unmerged, export them with psoft_vision.export_lora and load the "
             "LoRA onto the quantized base, or load the adapter file onto a floating copy of the base and merge there."
         )
-    for layer in layers.values():
-        layer.merge(upto=name)
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Bake the active adapters into the base weights and take every adapter out: each adapted layer becomes its
+    original module again (``nn.Linear``, ``nn.Conv2d``, timm's or diffusers' own class) holding the merged weight,
+    and every parameter gets back the requires_grad flag it had before the first inject. Returns ``model`` (or the
+    wrapper it was passed in), now an ordinary model for ``save_pretrained`` / ``from_pretrained``,
+    ``torch.export``, ``torch.jit.script`` and diffusers' ``fuse_qkv_projections``. Inactive adapters are dropped;
+    nothing can be unmerged afterwards. Refused on quantized bases, as :func:`merge` is, before anything changes."""
+    inner = unwrapped(model)
+    layers = dict(adapted_layers(inner))
+    require_loaded(layers, "merge_and_unload")
+    _refuse_quantized(layers)
+    for layer_name, layer in layers.items():
+        layer.merge()
+        inner.set_submodule(layer_name, layer.base)
+    batching.refresh(inner)
+    _undo_inject(inner)
     return model
 
 
@@ -177,8 +231,16 @@ def remove(model: nn.Module, name: str | None = None) -> nn.Module:
             model.set_submodule(layer_name, layer.base)
     batching.refresh(model)
     if not adapter_names(model):
-        batching.detach(model)
-        flags = model.__dict__.pop(REQUIRES_GRAD, {})
-        for param_name, p in model.named_parameters():
-            p.requires_grad_(flags.get(param_name, p.requires_grad))
+        _undo_inject(model)
     return model
+
+
+def _undo_inject(model: nn.Module) -> None:
+    """Once the last adapter is gone, what inject set on the model as a whole: every parameter's requires_grad flag
+    as it was before the first inject (kept under :data:`REQUIRES_GRAD`), diffusers' fusion allowed again, and no
+    hooks that build adapters' transforms together."""
+    release_fusion(model)
+    batching.detach(model)
+    flags = model.__dict__.pop(REQUIRES_GRAD, {})
+    for param_name, p in model.named_parameters():
+        p.requires_grad_(flags.get(param_name, p.requires_grad))
