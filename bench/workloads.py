@@ -8,7 +8,7 @@ import torch.nn.functional as F
 VIT_TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
 
 
-def _timm_classifier(name: str, batch: int, size: int, device, rank: int = 46):
+def _timm_classifier(name: str, batch: int, size: int, device, rank: int = 46, autocast: torch.dtype | None = None):
     import timm
 
     model = timm.create_model(name, pretrained=False, num_classes=100).to(device)
@@ -17,7 +17,8 @@ def _timm_classifier(name: str, batch: int, size: int, device, rank: int = 46):
     y = torch.randint(100, (batch,), generator=gen).to(device)
 
     def loss_fn(model, x=x):
-        return F.cross_entropy(model(x), y)
+        with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+            return F.cross_entropy(model(x), y)
 
     return model, (x,), loss_fn, dict(targets=VIT_TARGETS, head="head", lora_rank=8,
                                      sizes=dict(rank=rank, block_size=32))
@@ -25,6 +26,11 @@ def _timm_classifier(name: str, batch: int, size: int, device, rank: int = 46):
 
 def vit_b16(device):
     return _timm_classifier("vit_base_patch16_224", 8, 224, device)
+
+
+def vit_b16_bf16(device):
+    """ViT-B/16 as above, under bf16 autocast (fp32 weights), as mixed-precision training runs it."""
+    return _timm_classifier("vit_base_patch16_224", 8, 224, device, autocast=torch.bfloat16)
 
 
 def vit_tiny_b1(device):
@@ -60,4 +66,28 @@ def unet_small(device):
                                           sizes=dict(rank=16, block_size=32))
 
 
-WORKLOADS = {"vit-b16": vit_b16, "vit-tiny-b1": vit_tiny_b1, "unet-small": unet_small, "test-vit": test_vit}
+def unet_sd15(device):
+    """A full-size Stable Diffusion 1.5 UNet from its config (random weights, nothing downloaded), bf16 weights as
+    DreamBooth trains it, 64 x 64 latents (512 px), batch 2: the memory claim at a real size. A GPU workload."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(
+        sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+        attention_head_dim=8,
+    ).to(device, torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 64, 64, generator=gen).to(device, torch.bfloat16)
+    context = torch.randn(2, 77, 768, generator=gen).to(device, torch.bfloat16)
+    timesteps = torch.randint(1000, (2,), generator=gen).to(device)
+    noise = torch.randn(2, 4, 64, 64, generator=gen).to(device, torch.bfloat16)
+
+    def loss_fn(model, x=sample):
+        return F.mse_loss(model(x, timesteps, encoder_hidden_states=context).sample.float(), noise.float())
+
+    return model, (sample,), loss_fn, dict(targets="unet", head=None, lora_rank=16,
+                                          sizes=dict(rank=32, block_size=32))
+
+
+WORKLOADS = {"vit-b16": vit_b16, "vit-b16-bf16": vit_b16_bf16, "vit-tiny-b1": vit_tiny_b1, "unet-small": unet_small,
+             "unet-sd15": unet_sd15, "test-vit": test_vit}

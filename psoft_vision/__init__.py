@@ -18,6 +18,7 @@ from .errors import (
     MergeError,
     MissingExtraError,
     NotLowRankError,
+    OutputPathError,
     PSOFTVisionError,
     TargetNotFoundError,
     UnsupportedLayerError,
@@ -28,7 +29,7 @@ from .export_oft import export_oft
 from .inject import inject, trainable_summary
 from .io import load_adapter, read_adapter, save_adapter
 from .layer import AdaptedLayer
-from .lifecycle import activate, disabled, merge, remove, set_strength, unmerge
+from .lifecycle import activate, disabled, merge, merge_and_unload, remove, set_strength, unmerge
 from .methods import OFTConfig, PSOFTConfig
 from .model import adapted_layers, adapter_names
 from .publish import push_to_hub
@@ -59,6 +60,7 @@ __all__ = [
     "MissingExtraError",
     "NotLowRankError",
     "OFTConfig",
+    "OutputPathError",
     "PSOFTConfig",
     "PSOFTVisionError",
     "TargetNotFoundError",
@@ -74,6 +76,7 @@ __all__ = [
     "inject",
     "load_adapter",
     "merge",
+    "merge_and_unload",
     "push_to_hub",
     "quantize_base",
     "read_adapter",

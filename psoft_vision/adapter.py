@@ -29,16 +29,12 @@ import weakref
 import torch
 from torch import nn
 
+from .tracing import fx_tracing, tracing
+
 #: adapter -> (its state key when handed, its part of a batch, the forward it was built for); see ``receive``
 _HANDED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 #: adapter -> the forward whose part it last took outside a backward pass
 _TAKEN: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
-
-
-def tracing() -> bool:
-    """Under torch.compile, torch.export or fx tracing: the traced graph must compute everything from the
-    parameters, never read a tensor kept from an earlier call."""
-    return torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
 
 
 class Inner:
@@ -54,6 +50,14 @@ class Inner:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.call(x)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a layer computes in on input ``x``: autocast's where it is on for ``x``'s device, else ``x``'s own
+    (a torch.fx Proxy has no device to ask: its own)."""
+    if fx_tracing():
+        return x.dtype
+    return autocast_dtype(x.device) or x.dtype
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:

@@ -27,8 +27,9 @@ import weakref
 import torch
 from torch import nn
 
-from .adapter import fp32, tracing
+from .adapter import fp32
 from .layer import AdaptedLayer
+from .tracing import tracing
 
 #: model -> its adapted layers, found once (``attach`` and the lifecycle's structural changes refresh it)
 _LAYERS: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()

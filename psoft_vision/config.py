@@ -61,10 +61,19 @@ def pattern_match(pattern: dict[str, int], layer_name: str) -> int | None:
     return pattern[max(keys, key=len)] if keys else None
 
 
+#: The most Neumann terms a config may ask for: each costs a matrix product per forward, and past a few the series
+#: gains nothing (docs/method.md) while an unbounded count (an adapter file asking for 10**9) never finishes.
+MAX_NEUMANN_TERMS = 64
+
+
 def check_neumann_terms(terms: int | None) -> None:
     if terms is not None:
         check_int(terms, "neumann_terms", 1, " or None (exact Cayley); even values are the most orthogonal for their "
                   "cost (see docs/method.md)")
+        if terms > MAX_NEUMANN_TERMS:
+            raise ConfigError(f"neumann_terms={terms!r} exceeds {MAX_NEUMANN_TERMS}: past a few terms the series "
+                              "gains nothing and each costs a matrix product per forward; use 2 to 8, or None for "
+                              "the exact Cayley transform.")
 
 
 @dataclass(kw_only=True)

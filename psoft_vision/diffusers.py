@@ -12,14 +12,16 @@ from torch import nn
 
 from .errors import AdapterFileError
 from .io import load_adapter
+from .lifecycle import unwrapped
 
 
 def denoiser(pipe) -> tuple[nn.Module, str]:
-    """``(module, attribute)`` of the pipeline's denoiser: ``pipe.unet`` if it has one, else ``pipe.transformer``."""
+    """``(module, attribute)`` of the pipeline's denoiser: ``pipe.unet`` if it has one, else ``pipe.transformer``
+    (inside its ``torch.compile`` or other wrapper)."""
     for attribute in ("unet", "transformer"):
         module = getattr(pipe, attribute, None)
         if isinstance(module, nn.Module):
-            return module, attribute
+            return unwrapped(module), attribute
     raise TypeError(
         f"{type(pipe).__name__} has neither a `unet` nor a `transformer` module; pass a torch.nn.Module, or a "
         "diffusers pipeline with a unet or transformer."

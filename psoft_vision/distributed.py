@@ -133,6 +133,5 @@ class AdapterSaver:
             return None
         tensors = dict(self.constants, **{key: gathered[param].contiguous() for key, param in self.sources.items()})
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda f: save_file(tensors, f, metadata=self.metadata))
         return path

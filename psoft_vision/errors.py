@@ -78,3 +78,9 @@ class HubAccessError(HubError):
 
 class HubNotFoundError(HubError):
     """The repository has no such revision or file."""
+
+
+class OutputPathError(PSOFTVisionError, OSError):
+    """A path to write cannot take the file or folder: it is not a regular file (a device, a FIFO, a directory), its
+    folder is a file, or the file system refused the write (read-only, full, permissions). What was there before is
+    left as it was."""

@@ -38,9 +38,9 @@ from . import kohya
 from .adapter import fp32
 from .diffusers import denoiser
 from .errors import AdapterNameError, ConfigError, LoRAExportError, NotLowRankError
-from .files import atomic_write
+from .files import atomic_folder, atomic_write, check_name, ordinary_permissions
 from .layer import AdaptedLayer
-from .lifecycle import adapted_layers, adapter_names, one_adapter_name, require_loaded, uncompiled
+from .lifecycle import adapted_layers, adapter_names, one_adapter_name, plainly_named_layers, require_loaded, unwrapped
 from .targets import candidate_modules
 
 FORMATS = ("diffusers", "peft", "kohya")
@@ -77,7 +77,7 @@ def holding(model: nn.Module, name: str) -> list[tuple[str, AdaptedLayer, nn.Mod
     """``(layer name, layer, adapter)`` for every layer that holds adapter ``name``; warns (once each) when other
     adapters are active on those layers or ``name`` is not active, since an export holds its update alone."""
     found, stacked, inactive = [], [], []
-    for layer_name, layer in adapted_layers(model):
+    for layer_name, layer in plainly_named_layers(model):
         if name not in layer.adapters:
             continue
         found.append((layer_name, layer, layer.adapters[name]))
@@ -196,7 +196,7 @@ def _resolve(model, prefix: str | None) -> tuple[nn.Module, str]:
     if not isinstance(model, nn.Module):
         model, attribute = denoiser(model)
         return model, prefix or attribute
-    model = uncompiled(model)
+    model = unwrapped(model)
     if prefix:
         return model, prefix
     if kohya.is_clip_text(model):
@@ -208,7 +208,7 @@ def _pipeline_parts(pipe, name: str | None) -> tuple[list[tuple[nn.Module, str]]
     """The pipeline's denoiser and text encoders that hold adapter ``name`` (its only adapter when None), with
     their attribute names."""
     module, attribute = denoiser(pipe)
-    parts = [(module, attribute)] + [(getattr(pipe, a), a) for a in TEXT_ENCODERS
+    parts = [(module, attribute)] + [(unwrapped(getattr(pipe, a)), a) for a in TEXT_ENCODERS
                                      if isinstance(getattr(pipe, a, None), nn.Module)]
     names = list(dict.fromkeys(n for part, _ in parts for n in adapter_names(part)))
     if not names:
@@ -226,6 +226,7 @@ def _parts(model, format: str, prefix: str | None, name: str | None) -> tuple[li
     """``([(module, key prefix)], adapter name)``: a module is one part; a pipeline gives every component that
     holds the adapter, each under its own prefix."""
     if isinstance(model, nn.Module):
+        model = unwrapped(model)
         if format == "kohya":
             return [(model, prefix or kohya.default_prefix(model))], one_adapter_name(model, name)
         return [_resolve(model, prefix)], one_adapter_name(model, name)
@@ -248,9 +249,8 @@ def train_modules_of(model: nn.Module, name: str) -> list[str]:
 
 def _file_path(path: Path) -> Path:
     """A ``.safetensors`` path as is; any other path is a directory that receives the name diffusers looks for."""
-    path = path if path.suffix == ".safetensors" else path / DIFFUSERS_WEIGHT_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
+    check_name(path, "file or folder")
+    return path if path.suffix == ".safetensors" else path / DIFFUSERS_WEIGHT_NAME
 
 
 def modules_to_save(model: nn.Module, train_modules: list[str]) -> dict[str, torch.Tensor]:
@@ -333,12 +333,18 @@ def peft_config(peft_type: str, train_modules: list[str]) -> dict:
 
 
 def write_peft_directory(path: Path, tensors: dict, config: dict, info: dict) -> None:
-    """``adapter_model.safetensors`` and ``adapter_config.json`` in ``path``, each written atomically."""
-    path.mkdir(parents=True, exist_ok=True)
+    """``adapter_model.safetensors`` and ``adapter_config.json`` in the folder ``path``, swapped in as a whole
+    (:func:`psoft_vision.files.atomic_folder`): a kill never leaves new weights beside an old config."""
     metadata = {"format": "pt", "psoft_vision_export": json.dumps(info)}
-    atomic_write(path / PEFT_WEIGHT_NAME, lambda f: save_file(tensors, f, metadata=metadata))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    atomic_write(path / PEFT_CONFIG_NAME, lambda f: f.write_text(text))
+
+    def write(folder: Path) -> None:
+        save_file(tensors, folder / PEFT_WEIGHT_NAME, metadata=metadata)
+        (folder / PEFT_CONFIG_NAME).write_text(text)
+        for name in (PEFT_WEIGHT_NAME, PEFT_CONFIG_NAME):
+            ordinary_permissions(folder / name)
+
+    atomic_folder(path, write)
 
 
 def export_lora(model, path: str | os.PathLike, format: str = "diffusers", name: str | None = None,

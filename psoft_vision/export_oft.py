@@ -50,7 +50,7 @@ from .export import (
     train_modules_of,
     write_peft_directory,
 )
-from .lifecycle import one_adapter_name, uncompiled
+from .lifecycle import one_adapter_name, unwrapped
 from .orthogonal import NEUMANN_MAX_NORM
 from .targets import candidate_modules
 
@@ -136,7 +136,7 @@ def export_oft(model, path: str | os.PathLike, format: str = "peft", name: str |
     path = Path(path)
     if path.suffix == ".safetensors":
         raise ConfigError(f"export_oft writes a directory; got the file name {str(path)!r}: pass a directory path.")
-    model = uncompiled(model) if isinstance(model, nn.Module) else denoiser(model)[0]
+    model = unwrapped(model) if isinstance(model, nn.Module) else denoiser(model)[0]
     name = one_adapter_name(model, name)
     with torch.no_grad():
         weights, size, terms = _packed(model, name)

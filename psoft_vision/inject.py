@@ -9,6 +9,7 @@ from . import batching
 from .bases import base_of
 from .config import AdapterConfig
 from .errors import AdapterNameError, ConfigError, TargetNotFoundError, UnsupportedLayerError
+from .foreign import guard_fusion, refuse_targets
 from .layer import AdaptedLayer
 from .model import REQUIRES_GRAD, adapted_layers, adapter_names
 from .quantized_layers import keep_training_layout
@@ -31,7 +32,9 @@ def inject(model: nn.Module, config: AdapterConfig | None = None, name: str = "d
     """Add the adapter ``name`` described by ``config`` (default: ``PSOFTConfig()``) to ``model``, in place.
 
     Every parameter is frozen except the new adapter's and those of ``config.train_modules`` (``remove`` gives the
-    flags they had before the first adapter back). On layers that
+    flags they had before the first adapter back). Refuses targets that are PEFT's LoRA layers or lie in an attention
+    with fused projections, and makes diffusers' ``fuse_qkv_projections`` refuse while adapters are on
+    (:mod:`psoft_vision.foreign`). On layers that
     already carry adapters the new one is stacked on top (outermost) and all of them stay active; layers with
     merged adapters stay merged. Arguments are checked and every adapter is built before the model is touched,
     so a failure leaves it exactly as it was.
@@ -56,6 +59,7 @@ def inject(model: nn.Module, config: AdapterConfig | None = None, name: str = "d
     names = [n for n in select(model, config.targets) if not skip(n, model.get_submodule(n))]
     if not names:
         raise TargetNotFoundError(f"exclude={config.exclude!r} removed every target of {config.targets!r}.")
+    refuse_targets(model, names)
     trained = select(model, list(config.train_modules), "train_modules") if config.train_modules else []
     adapters = {layer_name: _build(model.get_submodule(layer_name), layer_name, method, config)
                 for layer_name in names}
@@ -75,6 +79,7 @@ def inject(model: nn.Module, config: AdapterConfig | None = None, name: str = "d
         model.get_submodule(module_name).requires_grad_(True)
     batching.refresh(model)
     batching.attach(model)
+    guard_fusion(model)
     return model
 
 

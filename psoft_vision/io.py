@@ -20,22 +20,28 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .bases import classify, weight_of
-from .errors import AdapterFileError, AdapterVersionError, BaseModelMismatchError, KeyMismatchError
-from .files import atomic_write
+from .errors import AdapterFileError, BaseModelMismatchError, KeyMismatchError
+from .files import atomic_write, kind_of
 from .fingerprint import fingerprint, mismatch
+from .header import FORMAT, FORMAT_VERSION, check_sizes, parse
 from .hub import adapter_file
 from .identify import describe_foreign
 from .inject import inject
 from .layer import AdaptedLayer
-from .lifecycle import _unmerged, adapted_layers, one_adapter_name, remove, require_loaded, set_strength, uncompiled
+from .lifecycle import (
+    _unmerged,
+    adapted_layers,
+    one_adapter_name,
+    plainly_named_layers,
+    remove,
+    require_loaded,
+    set_strength,
+    unwrapped,
+)
 from .registry import get_method
 
-FORMAT = "psoft_vision.adapter"
-FORMAT_VERSION = 2  # 2: anchors, strength, fingerprint probes normalised by the norm
 #: Config fields renamed since they were first written to files: old name -> new name.
 RENAMED_FIELDS = {"scale_a": "train_alpha", "scale_b": "train_beta"}
-_HEADER_FIELDS = {"method": str, "name": str, "config": dict, "layers": dict, "fingerprints": dict,
-                  "include_bases": bool}
 
 
 def _config_dict(config) -> dict:
@@ -53,7 +59,7 @@ def _file_tensors(model: nn.Module, name: str, train_modules, include_bases: boo
     """Every tensor an adapter file holds, by key (see the module docstring): detached views of the model's own
     tensors, which loading copies into, and the anchors, which the adapters compute."""
     tensors = {}
-    for layer_name, layer in adapted_layers(model):
+    for layer_name, layer in plainly_named_layers(model):
         if name in layer.adapters:
             adapter = layer.adapters[name]
             tensors.update({f"{layer_name}.{key}": p.detach() for key, p in adapter.named_parameters()})
@@ -80,12 +86,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     """
     from .version import __version__
 
-    model = uncompiled(model)
+    model = unwrapped(model)
     name = one_adapter_name(model, name)
     path = Path(path)
     layers, fingerprints = {}, {}
     require_loaded(dict(adapted_layers(model)), "save_adapter")
-    for layer_name, layer in adapted_layers(model):
+    for layer_name, layer in plainly_named_layers(model):
         if name in layer.adapters:
             adapter = layer.adapters[name]
             layers[layer_name] = adapter.describe()
@@ -99,7 +105,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         "anchors": anchors and not include_bases, "package_version": __version__, "torch_version": torch.__version__,
     }
     tensors = {k: t.to("cpu").contiguous() for k, t in tensors.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: save_file(tensors, f, metadata={"format": FORMAT, "psoft_vision": json.dumps(header)}))
     if model_card:
         from .card import write_adapter_card
@@ -121,9 +126,11 @@ def _warn_non_finite(tensors: dict[str, torch.Tensor], doing: str) -> None:
 
 def _open(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not path.is_file():
-        what = f"it is {describe_foreign(path)}" if path.is_dir() else "it does not exist"
-        raise AdapterFileError(f"{str(path)!r} is not a file ({what}); pass the path of a .safetensors adapter "
-                               "written by psoft_vision.save_adapter.")
+        kind = kind_of(path)
+        what = "it does not exist" if kind == "nothing" else \
+            f"it is {describe_foreign(path) if kind == 'a directory' else kind}"
+        raise AdapterFileError(f"{str(path)!r} is not a regular file ({what}); pass the path of a .safetensors "
+                               "adapter written by psoft_vision.save_adapter.")
     try:
         with safe_open(path, "pt") as f:
             return f.metadata() or {}, {key: f.get_tensor(key) for key in f.keys()}
@@ -136,22 +143,7 @@ def _header(path: Path, metadata: dict, tensors: dict) -> dict:
     if metadata.get("format") != FORMAT or "psoft_vision" not in metadata:
         raise AdapterFileError(f"{str(path)!r} is not a psoft_vision adapter: it is "
                                f"{describe_foreign(path, list(tensors), metadata)}.")
-    try:
-        header = json.loads(metadata["psoft_vision"])
-    except ValueError as error:
-        raise AdapterFileError(f"{str(path)!r} has damaged psoft_vision metadata ({error}); the file was edited or "
-                               "corrupted: save the adapter again.") from None
-    if not isinstance(header, dict):
-        raise AdapterFileError(f"{str(path)!r} has psoft_vision metadata that is not a JSON object; save it again.")
-    version = header.get("format_version", 0)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise AdapterVersionError(f"{str(path)!r} has adapter format version {version!r}, newer than the "
-                                  f"{FORMAT_VERSION} this psoft_vision reads; upgrade psoft_vision.")
-    wrong = [f"{k} ({t.__name__})" for k, t in _HEADER_FIELDS.items() if not isinstance(header.get(k), t)]
-    if wrong:
-        raise AdapterFileError(f"{str(path)!r} has psoft_vision metadata without valid fields {wrong}; the file was "
-                               "edited or written by other code: save the adapter again.")
-    return header
+    return parse(path, metadata["psoft_vision"])
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -170,12 +162,16 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
 def _check_base(model: nn.Module, header: dict, path: Path) -> None:
     differ = []
     for layer_name, saved in header["fingerprints"].items():
+        if layer_name not in header["layers"]:
+            continue  # not a layer the file adapts: nothing is loaded there
         module = model.get_submodule(layer_name)
         if isinstance(module, AdaptedLayer):
             weight = module.pretrained_weight
         else:
             kind = classify(module, layer_name)
-            weight = module.weight if kind is None else weight_of(module, kind)
+            weight = getattr(module, "weight", None) if kind is None else weight_of(module, kind)
+        if not isinstance(weight, torch.Tensor):
+            continue  # no weight to compare: inject refuses the layer by name
         why = mismatch(saved, weight)
         if why:
             differ.append(f"{layer_name!r} ({why})")
@@ -203,36 +199,41 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     header, tensors = read_adapter(path)
     name = name or header["name"]
     layers = header["layers"]
-    compiled, model = model, uncompiled(model)
+    wrapped, model = model, unwrapped(model)
     module_names = {n for n, _ in model.named_modules()}
     missing = [n for n in layers if n not in module_names]
     if missing:
         raise KeyMismatchError(f"{str(path)!r} adapts layers that {type(model).__name__} does not have: "
                                f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; is it the right base model?")
+    method = _method(header, path)
+    check_sizes(model, header, method.size_field, path)
     if check_base:
         _check_base(model, header, path)
-    config = _config_for_layers(header, path)
+    config = _config_for_layers(method, header, path)
     trainable = {p: p.requires_grad for p in model.parameters()}
     with _unmerged(model):  # merged layers stay merged, on success and on failure
         inject(model, config, name=name)
         try:
-            _load_tensors(model, name, header, tensors, path)
+            _load_tensors(model, name, header, config, tensors, path)
             set_strength(model, header.get("strength", 1.0), name)
         except Exception:
             remove(model, name)
             for p, flag in trainable.items():
                 p.requires_grad_(flag)
             raise
-    return compiled  # the model as passed: the compiled wrapper when it was one
+    return wrapped  # the model as passed: the wrapper (compiled, DDP, ...) when it was one
 
 
-def _config_for_layers(header: dict, path) -> object:
-    """The saved config, aimed at exactly the saved layers, each with its saved size (rank, block size)."""
+def _method(header: dict, path):
     try:
-        method = get_method(header["method"])
+        return get_method(header["method"])
     except Exception as error:
         raise AdapterFileError(f"{str(path)!r} holds a {header.get('method')!r} adapter, a method this psoft_vision "
                                f"does not know ({error}); register it first, or upgrade psoft_vision.") from None
+
+
+def _config_for_layers(method, header: dict, path) -> object:
+    """The saved config, aimed at exactly the saved layers, each with its saved size (rank, block size)."""
     fields = {RENAMED_FIELDS.get(k, k): v for k, v in header["config"].items()}
     layers = header["layers"]
     layer_set = set(layers)
@@ -248,15 +249,10 @@ def _config_for_layers(header: dict, path) -> object:
                                f"({error}); save it again with this version.") from None
 
 
-def _expected(model: nn.Module, name: str, header: dict) -> dict[str, torch.Tensor]:
-    """Every tensor the file must hold, by key, with the tensor it loads into (for an anchor: the anchor the
-    adapter computes from the present base, which only gives the shape)."""
-    return _file_tensors(model, name, header["config"]["train_modules"], header["include_bases"],
-                         header.get("anchors"))
-
-
-def _load_tensors(model, name, header, tensors, path) -> None:
-    expected = _expected(model, name, header)
+def _load_tensors(model, name, header, config, tensors, path) -> None:
+    # every tensor the file must hold, with the tensor it loads into (for an anchor: the anchor the adapter
+    # computes from the present base, which only gives the shape)
+    expected = _file_tensors(model, name, config.train_modules, header["include_bases"], header.get("anchors"))
     missing, unknown = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unknown:
         raise KeyMismatchError(f"{str(path)!r} does not fit the adapter it describes: missing keys {missing[:5]}, "
@@ -273,7 +269,7 @@ def _load_tensors(model, name, header, tensors, path) -> None:
                                f"{wrong[:3]}; the file was edited or written by other code.")
     anchor_keys = set()
     with torch.no_grad():
-        for layer_name, layer in adapted_layers(model):
+        for layer_name, layer in plainly_named_layers(model):
             if name in layer.adapters and header.get("anchors"):
                 adapter = layer.adapters[name]
                 keys = {k: f"{layer_name}.anchor.{k}" for k in adapter.anchors()}

@@ -33,6 +33,7 @@ not load there, so it is not written.
 """
 
 import re
+import warnings
 
 import torch
 from torch import nn
@@ -71,7 +72,36 @@ def module_factors(model: nn.Module, prefix: str, factors: Factors) -> Factors:
         named = _fused(model, rename, factors)
     else:
         named = {rename(name): pair for name, pair in factors.items()}
+        _warn_outside_blocks(model, prefix, {name: f"{prefix}_{rename(name).replace('.', '_')}" for name in factors})
     return {f"{prefix}_{name.replace('.', '_')}": pair for name, pair in named.items()}
+
+
+#: The modules inside which kohya-ss sd-scripts (networks/lora.py, ``LoRANetwork``) builds LoRA modules, by the
+#: class names its own models share with diffusers' and transformers': the UNet's transformer blocks, and, when it
+#: loads a file, its ResNet and up/down-sampling blocks; a text encoder's CLIP attention and MLP. It loads a file
+#: into those modules with ``strict=False``, so a key outside them is dropped without a word.
+SD_SCRIPTS_BLOCKS = {UNET: ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"),
+                     TE: ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")}
+
+
+def _inside_sd_scripts_blocks(model: nn.Module, name: str, blocks: tuple[str, ...]) -> bool:
+    parts = name.split(".")
+    return any(type(model.get_submodule(".".join(parts[:i]))).__name__ in blocks for i in range(1, len(parts)))
+
+
+def _warn_outside_blocks(model: nn.Module, prefix: str, kohya_names: dict[str, str]) -> None:
+    """Warn, naming them, about the layers that sd-scripts would drop from this file (see
+    :data:`SD_SCRIPTS_BLOCKS`): ``conv_in``, ``conv_out``, the time and added embeddings, a text projection."""
+    blocks = SD_SCRIPTS_BLOCKS[UNET if prefix == UNET else TE]
+    outside = [kohya_names[n] for n in kohya_names if not _inside_sd_scripts_blocks(model, n, blocks)]
+    if outside:
+        shown = ", ".join(outside[:8]) + (f", ... ({len(outside)} modules)" if len(outside) > 8 else "")
+        warnings.warn(
+            f"{len(outside)} modules of this kohya file lie outside the blocks kohya-ss sd-scripts adapts "
+            "(transformer, ResNet and up/down-sampling blocks; CLIP attention and MLP in text encoders), and "
+            "sd-scripts drops them "
+            f"without a word when it loads the file: {shown}. ComfyUI loads every key. For the same model in "
+            "sd-scripts, inject with those layers left out (exclude=...).", stacklevel=5)
 
 
 def is_clip_text(model: nn.Module) -> bool:

@@ -1,7 +1,7 @@
 """The adapter lifecycle on a whole model: merge, strength, disable, choose active adapters, remove.
 
-The queries (adapted_layers, adapter_names, one_adapter_name, uncompiled) live in :mod:`psoft_vision.model`; they
-are importable from here too, as they were before."""
+The queries (adapted_layers, plainly_named_layers, adapter_names, one_adapter_name, unwrapped) live in
+:mod:`psoft_vision.model`; they are importable from here too, as they were before."""
 
 import math
 import warnings
@@ -12,8 +12,17 @@ from torch import nn
 
 from . import batching
 from .errors import AdapterNameError, ConfigError, MergeError, WeightsNotLoadedError
+from .foreign import release_fusion
 from .layer import AdaptedLayer
-from .model import REQUIRES_GRAD, adapted_layers, adapter_names, check_names, one_adapter_name, uncompiled  # noqa: F401
+from .model import (  # noqa: F401  (adapted_layers, one_adapter_name, plainly_named_layers, unwrapped: re-exported)
+    REQUIRES_GRAD,
+    adapted_layers,
+    adapter_names,
+    check_names,
+    one_adapter_name,
+    plainly_named_layers,
+    unwrapped,
+)
 
 
 def require_loaded(layers: dict[str, AdaptedLayer], doing: str) -> None:
@@ -38,6 +47,13 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
         check_names(model, [name])
     layers = {n: layer for n, layer in adapted_layers(model) if name is None or name in layer.active}
     require_loaded(layers, "merge")
+    _refuse_quantized(layers)
+    for layer in layers.values():
+        layer.merge(upto=name)
+    return model
+
+
+def _refuse_quantized(layers: dict[str, AdaptedLayer]) -> None:
     quantized = {n: layer.kind.quantized for n, layer in layers.items() if layer.kind.quantized}
     if quantized:
         first, kinds = next(iter(quantized)), sorted(set(quantized.values()))
@@ -47,8 +63,24 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
             "quantization step. Keep the adapters unmerged, export them with psoft_vision.export_lora and load the "
             "LoRA onto the quantized base, or load the adapter file onto a floating copy of the base and merge there."
         )
-    for layer in layers.values():
-        layer.merge(upto=name)
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Bake the active adapters into the base weights and take every adapter out: each adapted layer becomes its
+    original module again (``nn.Linear``, ``nn.Conv2d``, timm's or diffusers' own class) holding the merged weight,
+    and every parameter gets back the requires_grad flag it had before the first inject. Returns ``model`` (or the
+    wrapper it was passed in), now an ordinary model for ``save_pretrained`` / ``from_pretrained``,
+    ``torch.export``, ``torch.jit.script`` and diffusers' ``fuse_qkv_projections``. Inactive adapters are dropped;
+    nothing can be unmerged afterwards. Refused on quantized bases, as :func:`merge` is, before anything changes."""
+    inner = unwrapped(model)
+    layers = dict(adapted_layers(inner))
+    require_loaded(layers, "merge_and_unload")
+    _refuse_quantized(layers)
+    for layer_name, layer in layers.items():
+        layer.merge()
+        inner.set_submodule(layer_name, layer.base)
+    batching.refresh(inner)
+    _undo_inject(inner)
     return model
 
 
@@ -140,8 +172,16 @@ def remove(model: nn.Module, name: str | None = None) -> nn.Module:
             model.set_submodule(layer_name, layer.base)
     batching.refresh(model)
     if not adapter_names(model):
-        batching.detach(model)
-        flags = model.__dict__.pop(REQUIRES_GRAD, {})
-        for param_name, p in model.named_parameters():
-            p.requires_grad_(flags.get(param_name, p.requires_grad))
+        _undo_inject(model)
     return model
+
+
+def _undo_inject(model: nn.Module) -> None:
+    """Once the last adapter is gone, what inject set on the model as a whole: every parameter's requires_grad flag
+    as it was before the first inject (kept under :data:`REQUIRES_GRAD`), diffusers' fusion allowed again, and no
+    hooks that build adapters' transforms together."""
+    release_fusion(model)
+    batching.detach(model)
+    flags = model.__dict__.pop(REQUIRES_GRAD, {})
+    for param_name, p in model.named_parameters():
+        p.requires_grad_(flags.get(param_name, p.requires_grad))

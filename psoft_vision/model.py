@@ -1,5 +1,5 @@
-"""Queries on a whole model: its adapted layers, its adapter names, the module under a torch.compile wrapper, and
-where inject keeps the requires_grad flags it changed."""
+"""Queries on a whole model: its adapted layers and their names (as files name them, without wrappers), its
+adapter names, the model inside training wrappers, and where inject keeps the requires_grad flags it changed."""
 
 from collections.abc import Iterator, Sequence
 
@@ -12,11 +12,35 @@ from .layer import AdaptedLayer
 REQUIRES_GRAD = "_psoft_vision_requires_grad"
 
 
-def uncompiled(model):
-    """The module ``torch.compile(module)`` wraps, or ``model`` itself: adapter files and exports name layers as the
-    model defines them, not with the wrapper's ``_orig_mod.`` prefix."""
-    inner = getattr(model, "_orig_mod", None)
-    return inner if isinstance(model, nn.Module) and isinstance(inner, nn.Module) else model
+#: Wrappers that hold the model as ``.module`` and prefix every name with ``module.``: DDP, DataParallel, FSDP1
+#: (also what accelerate's ``prepare`` returns for them) and DeepSpeed's engine.
+_MODULE_WRAPPERS = frozenset({"DistributedDataParallel", "DataParallel", "FullyShardedDataParallel",
+                              "DeepSpeedEngine"})
+
+
+def unwrapped(model):
+    """The model inside the wrappers that training code puts around it (``torch.compile``'s ``_orig_mod``, DDP,
+    DataParallel, FSDP1, DeepSpeed, in any nesting), or ``model`` itself: adapter files and exports name layers as
+    the model defines them, not with a wrapper's ``_orig_mod.`` or ``module.`` prefix."""
+    while isinstance(model, nn.Module):
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module) and type(model).__name__ in _MODULE_WRAPPERS:
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+    return model
+
+
+#: Attributes under which wrappers inside a model hold what they wrap (FSDP1's auto-wrapped blocks, activation
+#: checkpointing, a compiled submodule): not part of a layer's name as the model defines it.
+_INNER_WRAPPERS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+
+
+def plain_name(name: str) -> str:
+    """``name`` without the wrapper attributes in it: ``blocks.0._fsdp_wrapped_module.attn.qkv`` is
+    ``blocks.0.attn.qkv``, the name adapter files and exports use."""
+    return ".".join(part for part in name.split(".") if part not in _INNER_WRAPPERS)
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
@@ -24,6 +48,12 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
     for name, module in model.named_modules():
         if isinstance(module, AdaptedLayer):
             yield name, module
+
+
+def plainly_named_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
+    """:func:`adapted_layers` under the names files use (:func:`plain_name`)."""
+    for name, layer in adapted_layers(model):
+        yield plain_name(name), layer
 
 
 def adapter_names(model: nn.Module) -> list[str]:

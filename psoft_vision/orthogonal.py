@@ -51,6 +51,12 @@ def stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
+def split_rows(tensor: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """``tensor`` split along its first dimension into parts of ``sizes`` rows: the inverse of :func:`stacked` (one
+    part as it is, so that a single adapter's own computation never iterates a tensor: torch.fx cannot)."""
+    return [tensor] if len(sizes) == 1 else list(tensor.split(sizes))
+
+
 def skew_from_packed(q: torch.Tensor, size: int) -> torch.Tensor:
     """``(..., size(size-1)/2) -> (..., size, size)`` skew-symmetric matrices."""
     upper = q.new_zeros(q.shape[:-1] + (size * size,))

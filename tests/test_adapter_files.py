@@ -177,7 +177,7 @@ def test_bad_files_raise_named_errors_and_leave_the_model_as_it_was(trained, tmp
 
 
 def test_missing_file_is_named(tmp_path):
-    with pytest.raises(pv.AdapterFileError, match="nothing.safetensors' is not a file"):
+    with pytest.raises(pv.AdapterFileError, match="nothing.safetensors' is not a regular file \\(it does not exist"):
         pv.load_adapter(vit(), tmp_path / "nothing.safetensors")
 
 

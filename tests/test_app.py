@@ -3,6 +3,7 @@ the launched server through gradio_client on 127.0.0.1, and the page in Debian's
 Playwright. The browser test saves its screenshots under test-artifacts/ (or $PSOFT_VISION_TEST_ARTIFACTS)."""
 
 import copy
+import json
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ from helpers import rel_err, unet_out
 from PIL import Image
 from playwright.sync_api import sync_playwright
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 import psoft_vision as pv
 from apps import gradio_app as app
@@ -66,6 +68,12 @@ def bad_files(tmp: Path) -> dict[str, tuple[Path, str]]:
     other_base = build_pipeline(seed=1).unet  # the tiny-t2i architecture with other weights
     pv.inject(other_base, pv.PSOFTConfig(rank=4))
     wrong_base = pv.save_adapter(other_base, tmp / "other-base.safetensors")
+    endless = tmp / "endless.safetensors"  # its first forward would never end: refused when it is read
+    with safe_open(app.DEFAULT_ADAPTER, "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    header = json.loads(metadata["psoft_vision"])
+    header["config"]["neumann_terms"] = 10**9
+    save_file(tensors, endless, metadata={**metadata, "psoft_vision": json.dumps(header)})
     return {
         "truncated": (truncated, "AdapterFileError"),
         "noise": (noise, "AdapterFileError"),
@@ -73,6 +81,7 @@ def bad_files(tmp: Path) -> dict[str, tuple[Path, str]]:
         "lora": (app.ASSETS / "dreambooth-psoft-lora.safetensors", "not a psoft_vision adapter"),
         "classifier": (app.DEFAULT_CLASSIFIER_ADAPTER, "KeyMismatchError"),
         "other-base": (wrong_base, "BaseModelMismatchError"),
+        "neumann_terms 10**9": (endless, "neumann_terms=1000000000 exceeds 64"),
     }
 
 

@@ -191,3 +191,22 @@ def test_inject_on_an_outer_model_takes_over_the_inner_hooks():
         layer.adapters["default"].requires_grad_(True)
     step_grads(model, images())
     assert parts_taken(model) == 16  # both adapters of every layer, from the outer model's batch
+
+
+def test_ddp_trains_as_each_layer_alone(tmp_path):
+    """DistributedDataParallel (one gloo process) calls the model's own forward: the batch is built, and the
+    gradients DDP reduces are those of each layer alone."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model, alone = vit(CONFIGS["oft"]()), each_layer_alone(vit(CONFIGS["oft"]()))
+        wrapped = DistributedDataParallel(model)
+        _, grads = step_grads(wrapped, images())
+        assert parts_taken(model) == 8
+    finally:
+        dist.destroy_process_group()
+    _, expected = step_grads(alone, images())
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name.removeprefix("module.")], rtol=1e-5, atol=1e-7, msg=name)

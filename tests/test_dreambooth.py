@@ -224,6 +224,31 @@ def test_bad_input_raises_named_errors(pipe_dir, subject_dir, class_dir, tmp_pat
         run("--max_train_steps", 0)
 
 
+@pytest.mark.parametrize("where", ["instance", "class"])
+def test_an_unreadable_image_fails_the_run_before_the_model_loads(pipe_dir, subject_dir, tmp_path, monkeypatch, where):
+    import shutil
+
+    from train.common.images import ImageReadError
+
+    subject, classes = tmp_path / "subject", tmp_path / "class"
+    shutil.copytree(subject_dir, subject)
+    classes.mkdir()
+    bad = (subject if where == "instance" else classes) / "broken.png"
+    bad.write_bytes(Image.open(next(subject.glob("*.png"))).tobytes()[:100])  # raw bytes: no image format
+    monkeypatch.setattr(dreambooth, "load_pipeline", lambda *a: pytest.fail("loaded the model before the check"))
+    with pytest.raises(ImageReadError, match="broken.png' is not a readable image"):
+        dreambooth.main(cli(pipe_dir, subject, classes, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_anything_runs(pipe_dir, subject_dir, class_dir, tmp_path):
+    blocking = tmp_path / "out"
+    blocking.write_text("a file")
+    with pytest.raises(dreambooth.DreamBoothError, match="out' is a regular file, not a folder"):
+        dreambooth.main(cli(pipe_dir, subject_dir, class_dir, blocking))
+    assert blocking.read_text() == "a file"
+
+
 def test_metric_primitives_on_known_inputs():
     flat = lambda x: x.flatten(1)  # noqa: E731  an embedder: the pixels themselves
     gen = torch.Generator().manual_seed(0)

@@ -38,7 +38,7 @@ from psoft_vision.errors import ConfigError, LoRAExportError
 from psoft_vision.export import export_lora
 from psoft_vision.export_oft import export_oft
 from psoft_vision.inject import inject
-from psoft_vision.lifecycle import adapted_layers, merge, set_strength
+from psoft_vision.lifecycle import adapted_layers, merge, remove, set_strength
 from psoft_vision.methods import OFTConfig, PSOFTConfig
 from psoft_vision.testing import randomize_adapters
 
@@ -277,6 +277,32 @@ def test_flux_single_block_at_flux_width_loads_through_load_lora_weights(tmp_pat
 
 # ---------------------------------------------------------------------------------------------------------------
 # what kohya refuses, and dtypes
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_kohya_export_names_the_layers_sd_scripts_would_drop(tmp_path, family):
+    """sd-scripts (networks/lora.py) builds LoRA modules only in transformer, ResNet and up/down-sampling blocks and
+    CLIP attention / MLP, and loads files with strict=False: every other layer is named in a warning."""
+    pipe = load_sd15() if family == "sd15" else tiny_sdxl()
+    text = pipe.text_encoder if family == "sd15" else pipe.text_encoder_2
+    adapt(pipe.unet, PSOFTConfig(targets=every_layer(pipe.unet), rank=4))
+    adapt(text, PSOFTConfig(targets=every_layer(text, (nn.Linear,)), rank=4))
+    with pytest.warns(UserWarning) as caught:
+        export_lora(pipe, tmp_path / "all.safetensors", format="kohya")
+    dropped = " ".join(str(w.message) for w in caught if "sd-scripts drops them" in str(w.message))
+    names = {"sd15": ["conv_in", "conv_out", "time_embedding_linear_1", "time_embedding_linear_2"],
+             "sdxl": ["input_blocks_0_0", "out_2", "time_embed_0", "time_embed_2", "label_emb_0_0", "label_emb_0_2"]}
+    for name in names[family]:
+        assert f"lora_unet_{name}," in dropped or f"lora_unet_{name}." in dropped, name
+    assert ("lora_te2_text_projection" in dropped) == (family == "sdxl")  # SD 1.5's text encoder has none
+    assert "resnets" not in dropped and "attn" not in dropped and "input_blocks_4" not in dropped
+    for module in (pipe.unet, text):
+        remove(module)
+    adapt(pipe.unet, PSOFTConfig(rank=4, targets="unet+conv"))  # inside sd-scripts' blocks only
+    adapt(text, PSOFTConfig(targets=TEXT_TARGETS, rank=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_lora(pipe, tmp_path / "blocks.safetensors", format="kohya")
 
 
 def test_kohya_refuses_what_diffusers_cannot_read_back(tmp_path):

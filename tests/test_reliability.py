@@ -317,13 +317,63 @@ BAD_LAYERS = {
 }
 
 
+BAD_METADATA = {  # values of the header's fields, and of each layer's facts and fingerprint, that a file may hold
+    "strength": [1e308, float("inf"), float("nan"), -1e3, 101, "1", True, None, [1]],
+    "format_version": [True, "2", 2.5, 3, None], "anchors": ["yes", 1, None], "include_bases": [1, "no", None],
+    "name": [3, None, "", "a.b"], "method": [None, 3, "lora"], "config": [[], "x", None],
+    "layers": [[], "x", None], "fingerprints": [[], "x", None],
+}
+BAD_CONFIG_VALUES = {"neumann_terms": [10**9, 65, 0, "4"], "rank": [0, "4", 10**9], "train_modules": ["fc1", 3],
+                     "svd": [3]}
+BAD_LAYER_FACTS = {"rank": ["4", 0, -1, 2.5, True, 10**9, None], "weight_dtype": [3, ["float16"], None]}
+BAD_FINGERPRINT_VALUES = ["x", None, [], {}, float("nan"), 1e308, [1.0] * 3, -1, True]
+
+
+def bad_metadata(rng: random.Random, header: dict) -> tuple[str, str | None]:
+    """Damage one of the header's fields (or the JSON itself): returns (what was done, raw JSON or None)."""
+    kind = rng.choice(["field", "config", "layer", "layer facts", "fingerprint", "fingerprint type", "missing",
+                       "raw"])
+    layer = rng.choice(sorted(header["layers"]))
+    if kind == "field":
+        field = rng.choice(list(BAD_METADATA))
+        header[field] = rng.choice(BAD_METADATA[field])
+        return f"{field}={header[field]!r}", None
+    if kind == "config":
+        field = rng.choice(list(BAD_CONFIG_VALUES))
+        header["config"][field] = rng.choice(BAD_CONFIG_VALUES[field])
+        return f"config {field}={header['config'][field]!r}", None
+    if kind == "layer":
+        field = rng.choice(list(BAD_LAYER_FACTS))
+        header["layers"][layer][field] = rng.choice(BAD_LAYER_FACTS[field])
+        return f"layer {layer} {field}={header['layers'][layer][field]!r}", None
+    if kind == "layer facts":
+        header["layers"][layer] = rng.choice([[], 4, "x", None])
+        return f"layer {layer} facts {header['layers'][layer]!r}", None
+    if kind == "fingerprint":
+        key = rng.choice(sorted(header["fingerprints"][layer]))
+        header["fingerprints"][layer][key] = rng.choice(BAD_FINGERPRINT_VALUES)
+        return f"fingerprint {layer} {key}={header['fingerprints'][layer][key]!r}", None
+    if kind == "fingerprint type":
+        header["fingerprints"][layer] = rng.choice([[], 4, "x", None])
+        return f"fingerprint {layer} = {header['fingerprints'][layer]!r}", None
+    if kind == "missing":
+        where = rng.choice([header, header["config"], header["layers"][layer], header["fingerprints"][layer]])
+        key = rng.choice(sorted(where))
+        del where[key]
+        return f"without {key!r}", None
+    depth = rng.choice([10, 1000, 100_000])
+    text = rng.choice(['{"method": "psoft", "method": "oft"}', "[" * depth + "]" * depth,
+                       json.dumps(header)[:-1] + ', "strength": 0.5}'])  # the last: a duplicate key at the end
+    return f"raw JSON {text[:40]!r}", text
+
+
 def fuzz_case(rng: random.Random, tmp_path, good_file):
     """One random bad input: returns (description, callable that must raise a named error or work, model)."""
     model = net()
     if rng.random() < 0.3:  # sometimes a model that already carries a merged adapter
         pv.inject(model, pv.OFTConfig(block_size=4, targets=["fc2"]), name="default")
         pv.merge(model)
-    kind = rng.choice(["config", "name", "layer", "file", "file bytes"])
+    kind = rng.choice(["config", "name", "layer", "file", "file bytes", "metadata"])
     if kind == "config":
         field = rng.choice(list(BAD_CONFIG_FIELDS))
         value = rng.choice(BAD_CONFIG_FIELDS[field])
@@ -341,8 +391,16 @@ def fuzz_case(rng: random.Random, tmp_path, good_file):
             model.fc1 = BAD_LAYERS[which]()
         config = rng.choice([pv.PSOFTConfig(rank=4, targets=["fc1"]), pv.OFTConfig(block_size=4, targets=["fc1"])])
         return f"layer {which}", lambda: pv.inject(model, config), model
-    data = bytearray(good_file.read_bytes())
     path = tmp_path / f"case{rng.randrange(10**9)}.safetensors"
+    if kind == "metadata":
+        path.write_bytes(good_file.read_bytes())
+        done = []
+        tamper(path, edit_header=lambda header: done.extend(bad_metadata(rng, header)))
+        what, raw = done
+        if raw is not None:
+            tamper(path, raw_metadata=raw)
+        return f"metadata {what}", lambda: pv.load_adapter(model, path), model
+    data = bytearray(good_file.read_bytes())
     if kind == "file":  # truncation
         path.write_bytes(bytes(data[:rng.randrange(len(data))]))
     else:  # flipped bytes anywhere: in the header they break it; in tensor data they change values (no checksum)
@@ -357,8 +415,10 @@ def test_fuzz_bad_inputs_are_named_errors_that_change_nothing(tmp_path):
     _, good_file = trained_file(tmp_path)
     rng = random.Random(0)
     start, outcomes = time.perf_counter(), {"named error": 0, "worked": 0}
-    for _ in range(300):
+    kinds = set()
+    for _ in range(360):
         description, attempt, model = fuzz_case(rng, tmp_path, good_file)
+        kinds.add(description.split()[0])
         before = snapshot(model)
         try:
             with warnings.catch_warnings():
@@ -374,4 +434,5 @@ def test_fuzz_bad_inputs_are_named_errors_that_change_nothing(tmp_path):
             with torch.no_grad():
                 out = model(*net_inputs())
             assert torch.isfinite(out).all() or "bytes" in description, description
-    assert outcomes["named error"] > 200 and time.perf_counter() - start < 60, outcomes
+    assert outcomes["named error"] > 240 and time.perf_counter() - start < 60, outcomes
+    assert "metadata" in kinds

@@ -118,7 +118,7 @@ def test_no_module_imports_another_modules_private_names():
 def test_names_that_moved_still_import_from_where_they_were():
     with pytest.warns(DeprecationWarning, match="psoft_vision.hub.push_to_hub moved"):
         from psoft_vision.hub import push_to_hub
-    from psoft_vision.lifecycle import REQUIRES_GRAD, adapted_layers, adapter_names, one_adapter_name, uncompiled
+    from psoft_vision.lifecycle import REQUIRES_GRAD, adapted_layers, adapter_names, one_adapter_name, unwrapped
     from psoft_vision.model import REQUIRES_GRAD as requires_grad
     from psoft_vision.quantized import dequantized_weight, keep_training_layout, quantization_of, quantize_base
     from psoft_vision.quantized_layers import quantization_of as detect
@@ -126,4 +126,4 @@ def test_names_that_moved_still_import_from_where_they_were():
     assert push_to_hub is psoft_vision.push_to_hub and quantize_base is psoft_vision.quantize_base
     assert adapted_layers is psoft_vision.adapted_layers and adapter_names is psoft_vision.adapter_names
     assert quantization_of is detect and callable(dequantized_weight) and callable(keep_training_layout)
-    assert REQUIRES_GRAD == requires_grad and callable(one_adapter_name) and callable(uncompiled)
+    assert REQUIRES_GRAD == requires_grad and callable(one_adapter_name) and callable(unwrapped)

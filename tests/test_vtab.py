@@ -50,7 +50,7 @@ def test_folder_loader_reads_resizes_and_normalises(tmp_path):
     (lambda f: (f / "test.txt").unlink(), r"test\.txt is missing"),
     (lambda f: (f / "val200.txt").write_text("images/val200/000000.png\n"), r"val200\.txt:1: expected"),
     (lambda f: (f / "val200.txt").write_text("images/val200/000000.png cat\n"), r"val200\.txt:1: expected"),
-    (lambda f: (f / "val200.txt").write_text("images/val200/000000.png -1\n"), "negative"),
+    (lambda f: (f / "val200.txt").write_text("images/val200/000000.png -1\n"), "label -1 is outside 0"),
     (lambda f: (f / "images/test/000002.png").unlink(), r"1 listed images do not exist.*000002"),
     (lambda f: (f / "test.txt").write_text("images/test/000000.png 7\n"), r"labels \[7\].*never"),
     (lambda f: (f / "train800.txt").write_text(""), "lists no images"),

@@ -15,7 +15,7 @@ from ..adapter import Adapter, Inner
 from ..bases import Base
 from ..config import AdapterConfig, check_int, check_neumann_terms, check_pattern, pattern_match
 from ..errors import BlockSizeError, UnsupportedLayerError
-from ..orthogonal import orthogonal_from_packed, packed_size, stacked
+from ..orthogonal import orthogonal_from_packed, packed_size, split_rows, stacked
 from ..registry import Method
 from ..targets import chosen_by_preset
 
@@ -107,7 +107,7 @@ class OFTAdapter(Adapter):
         blocks = [a.blocks for a in adapters]
         rotations = orthogonal_from_packed(q, adapters[0].block_size, adapters[0].neumann_terms,
                                            tuple(blocks) if len(adapters) > 1 else None)
-        return list(rotations.split(blocks))
+        return split_rows(rotations, blocks)
 
     def forward(self, x: torch.Tensor, inner: Inner) -> torch.Tensor:
         r = self.rotations()

@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapter import Adapter, Inner, autocast_dtype, fp32
+from ..adapter import Adapter, Inner, compute_dtype, fp32
 from ..bases import Base
 from ..config import AdapterConfig, check_int, check_neumann_terms, check_pattern, pattern_match
 from ..errors import ConfigError
-from ..orthogonal import orthogonal_from_packed, packed_size, stacked
+from ..orthogonal import orthogonal_from_packed, packed_size, split_rows, stacked
 from ..registry import Method
+from ..tracing import fx_tracing
 
 SVD_MODES = ("full", "lowrank")
 
@@ -117,12 +118,12 @@ def _top_singular(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
 
 def _fusable(inner: Inner, conv: dict | None) -> bool:
     """Whether ``inner`` is a plain frozen Linear (Conv2d) without hooks, with which the adapter can run in one
-    autograd node (not under torch.export, which cannot trace the node's ``out=`` ops). A forward replaced on the
-    instance, as accelerate's offloading hooks do to load the weight, must run."""
+    autograd node (not under torch.export or torch.fx, which cannot trace the node's ``out=`` ops). A forward replaced
+    on the instance, as accelerate's offloading hooks do to load the weight, must run."""
     base = inner.module
     return (
         base is not None
-        and not torch.compiler.is_exporting()
+        and not (torch.compiler.is_exporting() or fx_tracing())
         and type(base) is (nn.Linear if conv is None else nn.Conv2d)
         and not base.weight.requires_grad
         and (base.bias is None or not base.bias.requires_grad)
@@ -290,10 +291,10 @@ class PSOFTAdapter(Adapter):
         shifted = transforms - torch.eye(ordered[0].rank, device=transforms.device)
         runs = [list(run) for _, run in groupby(ordered, key=lambda a: (a.B.shape[1:], a.B.dtype))]
         ups = []
-        for run, rows in zip(runs, shifted.split([sum(a.chunks for a in run) for run in runs]), strict=True):
+        for run, rows in zip(runs, split_rows(shifted, [sum(a.chunks for a in run) for run in runs]), strict=True):
             products = torch.bmm(stacked([a.B for a in run]).float(), rows)  # (chunks of the run, out / chunks, r)
-            ups += [up.flatten(0, 1) if a.chunks == 1 else torch.block_diag(*up.unbind(0))
-                    for a, up in zip(run, products.split([a.chunks for a in run]), strict=True)]
+            ups += [up.flatten(0, 1) if a.chunks == 1 else torch.block_diag(*(up[i] for i in range(a.chunks)))
+                    for a, up in zip(run, split_rows(products, [a.chunks for a in run]), strict=True)]
         in_order = [None] * len(adapters)
         for i, up in zip(order, ups, strict=True):
             in_order[i] = up
@@ -312,7 +313,7 @@ class PSOFTAdapter(Adapter):
         return (self.up_weight() @ self.A.float()).reshape(self.weight_shape)
 
     def forward(self, x: torch.Tensor, inner: Inner) -> torch.Tensor:
-        dtype = autocast_dtype(x.device) or x.dtype
+        dtype = compute_dtype(x)
         up = self.up_weight().to(dtype)
         a = self.A.to(dtype)
         if self.quantization is None and _fusable(inner, self.conv) and not (

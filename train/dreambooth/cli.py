@@ -8,7 +8,7 @@ import psoft_vision as pv
 
 from ..common.hub import add_hub_args
 from ..common.methods import add_config_flags, default_lr, default_lrs, method_choices, size_pattern_fields
-from ..common.paths import TINY_T2I
+from ..common.paths import TINY_T2I, run_folder_problem
 from .diffusion import WEIGHTING_SCHEMES
 from .errors import DreamBoothError
 from .optim import SCHEDULES
@@ -208,6 +208,10 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
         raise DreamBoothError(f"--method {args.method!r} is unknown; choose one of {', '.join(choices)}.")
     if args.output_dir is None:
         args.output_dir = Path("runs/dreambooth") / args.method
+    problem = run_folder_problem(Path(args.output_dir))
+    if problem:
+        raise DreamBoothError(f"--output_dir {str(args.output_dir)!r}: {problem}; pass a folder path (it is created "
+                              "if missing).")
     if args.class_data_dir is None:
         args.class_data_dir = args.output_dir / "class_images"
     if args.learning_rate is None:

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from psoft_vision.files import atomic_write
 
+from ..common.images import check_images, read_rgb
 from .errors import DreamBoothError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -28,11 +29,11 @@ def list_images(folder: Path, what: str, allow_empty: bool = False) -> list[Path
 
 
 def load_images(paths: list[Path], resolution: int) -> torch.Tensor:
-    """(N, 3, resolution, resolution) in [-1, 1]: the shorter side resized to ``resolution``, centre-cropped."""
+    """(N, 3, resolution, resolution) in [-1, 1]: each image as a viewer shows it (:mod:`train.common.images`),
+    the shorter side resized to ``resolution``, centre-cropped."""
     out = []
     for path in paths:
-        with Image.open(path) as image:
-            image = ImageOps.fit(image.convert("RGB"), (resolution, resolution), Image.BICUBIC)
+        image = ImageOps.fit(read_rgb(path), (resolution, resolution), Image.BICUBIC)
         out.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1))
     return torch.stack(out)
 
@@ -41,9 +42,7 @@ def image_sizes(paths: list[Path], resolution: int) -> list[tuple[int, int, int,
     """Per image, what SDXL conditions on: the original (height, width) and the top-left (top, left) of the centre
     crop that :func:`load_images` takes, in the image resized so that its shorter side is ``resolution``."""
     sizes = []
-    for path in paths:
-        with Image.open(path) as image:
-            width, height = image.size
+    for height, width in check_images(paths):  # upright: a sideways phone photo's EXIF orientation applied
         scale = resolution / min(width, height)
         sizes.append((height, width, round((height * scale - resolution) / 2), round((width * scale - resolution) / 2)))
     return sizes

@@ -39,6 +39,7 @@ from psoft_vision.memory import peak_memory_mib, reset_peak_memory
 
 from ..common import hub as run_hub
 from ..common.checkpoint import find_checkpoint, is_checkpoint, load_checkpoint, write_checkpoint
+from ..common.images import check_images
 from ..common.metrics_files import recorded_args, write_csv, write_json
 from ..common.resume_args import check_resume_args
 from . import cli
@@ -213,6 +214,9 @@ def build(args, accelerator) -> Training:
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     instance_paths = list_images(args.instance_data_dir, "--instance_data_dir")
+    check_images(instance_paths)  # a bad image fails now, with its name, not after the model is loaded
+    if args.with_prior_preservation and args.class_data_dir.exists():
+        check_images(list_images(args.class_data_dir, "--class_data_dir", allow_empty=True))
     repo_id = run_hub.start_repo(args, accelerator.is_main_process)
     pipe = load_pipeline(args.pretrained_model_name_or_path, accelerator.device, args.revision, args.variant,
                          args.cache_dir)

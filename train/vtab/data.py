@@ -1,7 +1,8 @@
 """Datasets for the VTAB trainer: VTAB-1k task folders (see :mod:`train.vtab.folder`) and the VTAB-offline tasks.
 
-Images are resized to the model's input size (no augmentation, as in VTAB-1k) and normalised with the model's mean and
-std.
+Images are read as a viewer shows them (:mod:`train.common.images`: EXIF orientation, 16-bit, transparency), every
+one of a task folder checked before training; then resized to the model's input size (no augmentation, as in
+VTAB-1k) and normalised with the model's mean and std.
 """
 
 from dataclasses import dataclass
@@ -10,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 
+from ..common.images import check_images, read_rgb
 from ..offline.data import TASKS, task_split
 from .folder import VTABFolderError, read_list
 
@@ -52,8 +53,7 @@ class FolderDataset(Dataset):
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
-        with Image.open(path) as image:
-            pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+        pixels = torch.from_numpy(np.array(read_rgb(path))).permute(2, 0, 1)
         return self.preprocess(pixels), label
 
 
@@ -68,6 +68,7 @@ def folder_splits(folder: Path, train_split: str, eval_split: str | None, prepro
         if unseen:
             raise VTABFolderError(f"{folder / (split + '.txt')} has labels {unseen[:5]} that {train_split}.txt never "
                                   f"shows; the model cannot learn them. Check the list files.")
+    check_images(list(dict.fromkeys(path for samples in lists.values() for path, _ in samples)))  # before training
     datasets = {split: FolderDataset(samples, preprocess) for split, samples in lists.items()}
     return datasets[train_split], datasets.get(eval_split), datasets["test"], classes
 

@@ -8,6 +8,9 @@ import numpy as np
 from PIL import Image
 
 SPLITS = ("train800", "val200", "train800val200", "test")
+#: The most classes a task may have (labels 0 .. MAX_CLASSES - 1): a mistyped label of 10**12 would otherwise ask
+#: for a head of 10**12 outputs. ImageNet-21k has 21,843.
+MAX_CLASSES = 100_000
 
 
 class VTABFolderError(ValueError):
@@ -51,8 +54,9 @@ def read_list(folder: Path, split: str) -> list[tuple[Path, int]]:
             raise VTABFolderError(f"{list_file}:{number}: expected '<relative image path> <integer label>', "
                                   f"got {line!r}")
         label = int(parts[1])
-        if label < 0:
-            raise VTABFolderError(f"{list_file}:{number}: label {label} is negative; labels are 0 .. classes-1")
+        if not 0 <= label < MAX_CLASSES:
+            raise VTABFolderError(f"{list_file}:{number}: label {label} is outside 0 .. {MAX_CLASSES - 1}; labels "
+                                  "are 0 .. classes-1 (the classifier gets one output per class)")
         path = folder / parts[0]
         if not path.is_file():
             missing.append(parts[0])

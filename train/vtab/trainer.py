@@ -33,6 +33,7 @@ from ..common.checkpoint import find_checkpoint, load_checkpoint, write_checkpoi
 from ..common.hub import add_hub_args
 from ..common.methods import add_config_flags, build_config, default_lr, default_lrs, method_choices, registered
 from ..common.metrics_files import recorded_args, write_csv, write_json
+from ..common.paths import run_folder_problem
 from ..common.resume_args import check_resume_args
 from ..common.schedule import cosine_with_warmup
 from ..offline import backbone  # noqa: F401  registers the offline backbone with timm
@@ -153,6 +154,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.output_dir is None:
         task = args.task or args.data_dir.name
         args.output_dir = Path("runs/vtab") / task / f"{args.method}-seed{args.seed}"
+    problem = run_folder_problem(Path(args.output_dir))
+    if problem:
+        raise TrainerFlagError(f"--output-dir {str(args.output_dir)!r}: {problem}; pass a folder path (it is "
+                               "created if missing).")
     return args
 
 
