@@ -33,9 +33,9 @@ def vit_b16_bf16(device):
     return _timm_classifier("vit_base_patch16_224", 8, 224, device, autocast=torch.bfloat16)
 
 
-def vit_tiny_b1(device):
+def vit_tiny_b1(device, rank: int = 8):
     """One image through a ViT-Tiny at r=8: per-op overhead, not arithmetic, sets the step time (as on a GPU)."""
-    return _timm_classifier("vit_tiny_patch16_224", 1, 224, device, rank=8)
+    return _timm_classifier("vit_tiny_patch16_224", 1, 224, device, rank=rank)
 
 
 def test_vit(device):
@@ -89,5 +89,6 @@ def unet_sd15(device):
                                           sizes=dict(rank=32, block_size=32))
 
 
-WORKLOADS = {"vit-b16": vit_b16, "vit-b16-bf16": vit_b16_bf16, "vit-tiny-b1": vit_tiny_b1, "unet-small": unet_small,
+WORKLOADS = {"vit-b16": vit_b16, "vit-b16-bf16": vit_b16_bf16, "vit-tiny-b1": vit_tiny_b1,
+             "vit-tiny-b1-r46": lambda device: vit_tiny_b1(device, rank=46), "unet-small": unet_small,
              "unet-sd15": unet_sd15, "test-vit": test_vit}
