@@ -22,6 +22,8 @@ the method's own promise, stated in its module.
 import torch
 from torch import nn
 
+from .tracing import is_tracing
+
 
 class Adapter(nn.Module):
     """Base class of the adapters; subclasses implement ``forward``, ``merge_into`` and ``describe``."""
@@ -58,8 +60,9 @@ class Adapter(nn.Module):
     def cached(self, compute):
         """``compute()``, kept between calls while gradients are off and nothing it reads has changed: an eval-mode
         forward then costs no solve. Parameters' in-place updates, moves and the strength all invalidate it. Not
-        while torch.compile traces: its graph holds the computation, and the key's data pointers would break it."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        while torch.compile or torch.fx traces: its graph holds the computation (a cached value would be a constant
+        there), and the key's data pointers would break it."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or is_tracing():
             self._cache = None
             return compute()
         tensors = [*self.parameters(), *self.buffers()]

@@ -73,6 +73,10 @@ class AdaptedLayer(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # named like nn.Linear's: some callers pass input=
         if self.kind.weight_path and len(self.active) > len(self.merged):
+            if isinstance(input, torch.fx.Proxy):
+                # torch.fx can neither put a Proxy in the parameter's place nor trace every base's own forward
+                # (timm's Conv2dSame pads by the input's size): the graph calls this layer as one node, run eagerly
+                return input.tracer.create_proxy("call_module", input.tracer.path_of_module(self), (input,), {})
             return torch.func.functional_call(self.base, {"weight": self.weight}, (input,))
         layer = self.base
         for name in self.active[len(self.merged) :]:

@@ -18,6 +18,8 @@ from functools import cache
 
 import torch
 
+from .tracing import is_tracing
+
 #: Above this Frobenius norm of Q the Neumann series is replaced by the exact solve.
 #: At the bound the truncation error ``||Q||^{K+1}`` is 0.5^5 ~= 3% for K=4, shrinking fast below it.
 NEUMANN_MAX_NORM = 0.5
@@ -39,7 +41,7 @@ def _upper_flat_index(size: int, device: torch.device) -> torch.Tensor:
 
 def skew_from_packed(q: torch.Tensor, size: int) -> torch.Tensor:
     """``(..., size(size-1)/2) -> (..., size, size)`` skew-symmetric matrices."""
-    upper = q.new_zeros(*q.shape[:-1], size * size)
+    upper = q.new_zeros(q.shape[:-1] + (size * size,))  # not *q.shape: torch.fx cannot unpack a Proxy's shape
     upper = upper.index_copy(-1, _upper_flat_index(size, q.device), q).unflatten(-1, (size, size))
     return upper - upper.mT
 
@@ -73,9 +75,10 @@ def orthogonal_from_packed(q: torch.Tensor, size: int, neumann_terms: int | None
         return cayley(skew)
     # ||Q||_F = sqrt(2) ||q||: checked on the packed vector, one small reduction per layer and step.
     too_large = (q.detach().float().norm(dim=-1) * 2**0.5 >= NEUMANN_MAX_NORM).any()
-    if torch.compiler.is_compiling():
-        # A Python branch on a tensor's value would break torch.compile's graph, and torch.cond's backward fails
-        # under AOTAutograd (torch 2.14): both transforms are computed and the one the norm picks is kept.
+    if torch.compiler.is_compiling() or is_tracing():
+        # A Python branch on a tensor's value would break torch.compile's graph (and torch.fx has no value to branch
+        # on), and torch.cond's backward fails under AOTAutograd (torch 2.14): both transforms are computed and the
+        # one the norm picks is kept.
         return torch.where(too_large, cayley(skew), cayley_neumann(skew, neumann_terms))
     if bool(too_large):
         return cayley(skew)

@@ -23,6 +23,7 @@ from ..config import AdapterConfig, check_int, check_neumann_terms, check_patter
 from ..errors import ConfigError
 from ..orthogonal import orthogonal_from_packed, packed_size
 from ..registry import Method
+from ..tracing import is_tracing
 
 SVD_MODES = ("full", "lowrank")
 
@@ -263,7 +264,7 @@ class PSOFTAdapter(Adapter):
     def _up_weight(self) -> torch.Tensor:
         eye = torch.eye(self.rank, device=self.q.device)
         up = self.B.float() @ (self.transform() - eye)
-        return up[0] if self.chunks == 1 else torch.block_diag(*up.unbind(0))
+        return up[0] if self.chunks == 1 else torch.block_diag(*(up[i] for i in range(self.chunks)))
 
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The update as an exact LoRA ``up @ down``: up ``B (C - I)`` (out, k) and down ``A`` in the layer's
@@ -278,6 +279,8 @@ class PSOFTAdapter(Adapter):
         return (self.up_weight() @ self.A.float()).reshape(self.weight_shape)
 
     def forward(self, x: torch.Tensor, inner) -> torch.Tensor:
+        if is_tracing():  # torch.fx records the r-wide path with plain ops, ``B (C - I)`` made from the parameters
+            return self._added_path(x, inner, self._up_weight().to(x.dtype), self.A.to(x.dtype))
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         up = self.up_weight().to(dtype)
         a = self.A.to(dtype)
@@ -289,6 +292,10 @@ class PSOFTAdapter(Adapter):
                 if self.conv is None:
                     return _PrincipalLinear.apply(x, weight, bias, a, up)
                 return _PrincipalConv2d.apply(x, weight, bias, a.reshape(-1, *self.weight_shape[1:]), up, self.conv)
+        return self._added_path(x, inner, up, a)
+
+    def _added_path(self, x: torch.Tensor, inner, up: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """``inner(x)`` plus the r-wide path ``(dropout(x) A^T) up^T``, as separate ops."""
         h = self.dropout(x)
         if self.conv is None:
             return inner(x) + F.linear(F.linear(h, a), up)
