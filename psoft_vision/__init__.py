@@ -17,6 +17,7 @@ from .errors import (
     NotLowRankError,
     PSOFTVisionError,
     TargetNotFoundError,
+    TorchScriptError,
     UnsupportedLayerError,
 )
 from .export import export_lora
@@ -50,6 +51,7 @@ __all__ = [
     "PSOFTConfig",
     "PSOFTVisionError",
     "TargetNotFoundError",
+    "TorchScriptError",
     "UnsupportedLayerError",
     "activate",
     "adapted_layers",

@@ -54,3 +54,7 @@ class NotLowRankError(LoRAExportError):
 
 class MergeError(PSOFTVisionError, ValueError):
     """Adapters cannot be merged into these layers (quantized bases)."""
+
+
+class TorchScriptError(PSOFTVisionError, RuntimeError):
+    """``torch.jit.script`` was given a model that holds adapted layers; TorchScript is not supported."""

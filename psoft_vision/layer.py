@@ -20,6 +20,7 @@ from torch import nn
 
 from .adapter import Adapter
 from .bases import classify, weight_of
+from .errors import TorchScriptError
 
 
 class AdaptedLayer(nn.Module):
@@ -104,3 +105,13 @@ class AdaptedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={self.active}, merged={self.merged}"
+
+    def __prepare_scriptable__(self):
+        """Called by ``torch.jit.script`` on every module before compiling it: adapted layers refuse, by name, since
+        TorchScript (deprecated by PyTorch) cannot compile their forward (keyword-argument convolutions, closures,
+        custom autograd). torch.export and torch.compile are the supported ways to deploy."""
+        raise TorchScriptError(
+            f"torch.jit.script cannot compile a model with adapters (this layer wraps a {type(self.base).__name__}, "
+            f"adapters {self.active}); TorchScript is deprecated by PyTorch. Deploy with torch.export: "
+            "psoft_vision.merge(model) (the adapters folded into the weights), then "
+            "torch.export.export(model, (example_input,)); torch.compile(model) works too, merged or not.")
