@@ -42,6 +42,11 @@ from psoft_vision.testing import emulate_pretrained, randomize_adapters
 IDENTITY_TOLERANCE = 1e-5  # relative, adapters at init
 MERGE_TOLERANCE = 1e-4  # relative, merged against unmerged with randomised adapters
 LOAD_TOLERANCE = 1e-5  # relative, a loaded adapter against the one saved
+#: Relative, the fx-traced model against the eager one: its output, and each adapter parameter's gradient measured
+#: against the norm of all adapter gradients (a parameter whose gradient is rounding noise has no relative error).
+FX_TOLERANCE = 1e-5
+#: The ``features_only`` wrappers of timm (``feature_cls``), each checked where the family builds it.
+FEATURE_CLASSES = ("list", "dict", "hook", "getter", "fx")
 #: A randomised adapter must move the output at least this much (relative), or the merge check proves nothing.
 MIN_EFFECT = 1e-3
 METHODS = {"psoft": pv.PSOFTConfig, "oft": pv.OFTConfig}
@@ -251,9 +256,9 @@ class Built:
 
 
 def output(out) -> torch.Tensor:
-    """The model's prediction, from a tensor or the first tensor of a tuple."""
-    while isinstance(out, tuple | list):
-        out = out[0]
+    """The model's prediction: a tensor, or the first tensor of a tuple or a dict (an fx feature extractor's)."""
+    while isinstance(out, tuple | list | dict):
+        out = next(iter(out.values())) if isinstance(out, dict) else out[0]
     return out.float()
 
 
@@ -270,6 +275,7 @@ class CheckFailed(AssertionError):
 class MethodResult:
     status: str  # "pass", "fail" (a check did not hold), "error" (an exception), "left out" (a named refusal)
     detail: str = ""
+    fx: str = ""  # the fx check (check_fx): "pass", or what failed; "n/a: ..." where timm cannot trace the plain model
     trainable: int = 0
     numbers: dict = field(default_factory=dict)
     seconds: float = 0.0
@@ -282,11 +288,19 @@ class FamilyResult:
     layer_types: Counter = field(default_factory=Counter)
     methods: dict[str, MethodResult] = field(default_factory=dict)
     error: str = ""  # the model itself could not be built or run
+    features: dict[str, str] = field(default_factory=dict)  # feature_cls -> "pass", "n/a: ..." or what failed
     seconds: float = 0.0
     input_side: str = ""  # the input's height (and width where it differs), in pixels
 
     def passed(self) -> bool:
         return not self.error and all(r.status == "pass" for r in self.methods.values())
+
+    def contract_failures(self) -> list[str]:
+        """What failed of the fx and ``features_only`` checks (those timm itself cannot do are not failures)."""
+        failed = [f"{NAMES[m]} fx: {r.fx}" for m, r in self.methods.items() if r.fx not in ("", "pass")
+                  and not r.fx.startswith("n/a")]
+        return failed + [f"features_only {cls}: {s}" for cls, s in self.features.items()
+                         if s != "pass" and not s.startswith("n/a")]
 
 
 def _dead_gradients(model: nn.Module) -> list[str]:
@@ -352,7 +366,106 @@ def check(built: Built, method: str) -> MethodResult:
             numbers["load"] = rel(output(loaded.eval()(built.x)), unmerged)
     if not numbers["load"] <= LOAD_TOLERANCE:
         raise CheckFailed(f"the loaded adapter gives another output: relative difference {numbers['load']:.1e}")
-    return MethodResult("pass", trainable=trainable, numbers=numbers)
+    return MethodResult("pass", trainable=trainable, numbers=numbers, fx=check_fx(built, model, numbers))
+
+
+def _adapter_grads(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    out = output(model(x))
+    if out.requires_grad:  # not when every adapter is traced in as a constant
+        out.pow(2).mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+class _TimmTracer(torch.fx.Tracer):
+    """torch.fx's tracer with timm's untraceable modules as leaves and its untraceable functions wrapped, as timm's fx
+    feature extraction (``timm.models.create_feature_extractor``) traces, in one trace instead of its four."""
+
+    def __init__(self):
+        from timm.models import get_notrace_functions, get_notrace_modules
+
+        super().__init__(autowrap_functions=tuple(get_notrace_functions()))
+        self.leaves = tuple(get_notrace_modules())
+
+    def is_leaf_module(self, module: nn.Module, name: str) -> bool:
+        return isinstance(module, self.leaves) or super().is_leaf_module(module, name)
+
+
+def fx_traced(model: nn.Module) -> nn.Module:
+    """``model`` traced by torch.fx as timm traces it, without gradients: a rotation cached then would enter the
+    graph as a constant, and the gradient check of :func:`check_fx` would find it."""
+    with torch.no_grad():
+        return torch.fx.GraphModule(model, _TimmTracer().trace(model))
+
+
+def check_fx(built: Built, model: nn.Module, numbers: dict) -> str:
+    """The adapted model (randomised adapters) traced by torch.fx against itself eagerly: the same output and the same
+    gradient in every adapter parameter, to ``FX_TOLERANCE``. "n/a: ..." where timm cannot trace the plain model."""
+    try:
+        traced = fx_traced(model)
+    except Exception as error:  # noqa: BLE001 - a failure to trace is this check's result
+        try:
+            fx_traced(built.fresh())
+        except Exception as plain:  # noqa: BLE001 - timm's own limit, not the adapters'
+            return f"n/a: timm cannot trace the plain model ({type(plain).__name__})"
+        return f"the adapted model does not trace: {type(error).__name__}: {str(error)[:200]}"
+    out, grads = _adapter_grads(model, built.x)
+    try:
+        traced_out, traced_grads = _adapter_grads(traced, built.x)
+    except Exception as error:  # noqa: BLE001 - a traced module that cannot run is this check's result
+        return f"the traced model does not run: {type(error).__name__}: {str(error)[:200]}"
+    if traced_grads.keys() != grads.keys():
+        return f"{len(grads)} parameters get a gradient eagerly, {len(traced_grads)} traced"
+    scale = torch.cat([g.flatten() for g in grads.values()]).norm().clamp_min(1e-30)
+    numbers["fx"] = max(rel(traced_out, out), *(((traced_grads[n] - g).norm() / scale).item()
+                                                 for n, g in grads.items()))
+    if not numbers["fx"] <= FX_TOLERANCE:
+        return f"traced differs from eager by {numbers['fx']:.1e} > {FX_TOLERANCE:.0e}"
+    return "pass"
+
+
+def original_name(wrapper: nn.Module, model: nn.Module, name: str) -> str:
+    """The name in the full model of a wrapper's module, as timm's wrappers rename: FeatureGetterNet keeps the model
+    as ``model``, FeatureHookNet may as ``body``, FeatureGraphNet's graph as ``graph_module``; the others flatten the
+    first level of a ``Sequential`` child (``stages.0`` -> ``stages_0``)."""
+    for prefix in ("model.", "body.", "graph_module."):
+        if name.startswith(prefix) and prefix[:-1] in dict(wrapper.named_children()):
+            return name.removeprefix(prefix)
+    head, _, rest = name.partition(".")
+    children = dict(model.named_children())
+    if head not in children:
+        parent, _, child = head.rpartition("_")
+        head = f"{parent}.{child}"
+    return f"{head}.{rest}" if rest else head
+
+
+def check_features(entry: Entry) -> dict[str, str]:
+    """For each timm ``features_only`` wrapper the model builds: ``inject`` (``targets="auto"``) adapts exactly the
+    layers that it adapts on the full model among those the wrapper keeps, at least one, never a stem layer."""
+    results = {}
+    full = timm.create_model(entry.model, pretrained=False, **entry.kwargs)
+    expected = set(pv.targets.select(full, "auto"))
+    for cls in FEATURE_CLASSES:
+        try:
+            wrapper = timm.create_model(entry.model, pretrained=False, features_only=True, feature_cls=cls,
+                                        **entry.kwargs)
+        except Exception as error:  # noqa: BLE001 - timm's own limit: this wrapper is not offered for the model
+            results[cls] = f"n/a: timm does not build it ({type(error).__name__})"
+            continue
+        try:
+            kept = {original_name(wrapper, full, n) for n, m in pv.targets.structure.candidate_modules(wrapper)
+                    if pv.targets.structure.dense_layer(m)}
+            chosen = {original_name(wrapper, full, n) for n in pv.targets.select(wrapper, "auto")}
+        except Exception as error:  # noqa: BLE001 - recorded as this wrapper's failure
+            results[cls] = f"{type(error).__name__}: {str(error)[:200]}"
+            continue
+        missing, extra = (expected & kept) - chosen, chosen - expected
+        results[cls] = "pass" if chosen and not missing and not extra else \
+            f"{len(missing)} of the full model's layers left out ({sorted(missing)[:2]}), {len(extra)} others " \
+            f"adapted ({sorted(extra)[:2]})"
+    return results
 
 
 @torch.no_grad()
@@ -411,6 +524,7 @@ def run(entry: Entry, methods=tuple(METHODS)) -> FamilyResult:
             outcome = MethodResult("error", f"{type(error).__name__}: {error}")
         outcome.seconds = time.perf_counter() - t
         result.methods[method] = outcome
+    result.features = check_features(result.entry)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -431,6 +545,23 @@ def _status(result: FamilyResult, method: str) -> str:
     return "pass" if outcome.status == "pass" else f"**{outcome.status}**"
 
 
+def _fx_status(result: FamilyResult) -> str:
+    states = [r.fx for r in result.methods.values() if r.fx]
+    if not states:
+        return ""
+    if all(s == "pass" for s in states):
+        return "pass"
+    return "n/a" if all(s.startswith("n/a") for s in states) else "**fail**"
+
+
+def _features_status(result: FamilyResult) -> str:
+    built = [s for s in result.features.values() if not s.startswith("n/a")]
+    if not built:
+        return "n/a" if result.features else ""
+    passed = sum(s == "pass" for s in built)
+    return f"{passed} of {len(built)}" if passed == len(built) else f"**{passed} of {len(built)}**"
+
+
 def markdown(results: list[FamilyResult], seconds: float, command: str) -> str:
     """The timm section of docs/models.md."""
     passed = {m: sum(r.methods.get(m) is not None and r.methods[m].status == "pass" for r in results)
@@ -448,14 +579,21 @@ def markdown(results: list[FamilyResult], seconds: float, command: str) -> str:
         f"equal to unmerged with randomised adapters (<= {MERGE_TOLERANCE:.0e}), unmerge bit-exact (outputs and "
         f"weights), save -> fresh model -> load reproducing the output (<= {LOAD_TOLERANCE:.0e}).",
         "",
+        "Two more columns. fx: the adapted model (randomised adapters, both methods) traced by torch.fx as timm's fx "
+        "feature extraction traces it (`timm.models.create_feature_extractor`, traced without gradients) gives the "
+        f"eager output and every adapter gradient to {FX_TOLERANCE:.0e}; n/a where timm cannot trace the plain "
+        "model. features_only: of timm's feature wrappers the family builds "
+        f"({', '.join(f'`{c}`' for c in FEATURE_CLASSES)}), those on which `targets=\"auto\"` picks exactly the "
+        "full model's layers among the ones the wrapper keeps (never the stem); n/a where it builds none.",
+        "",
         f"PSOFT passes on {passed['psoft']} of {n} families, OFTv2 on {passed['oft']}, both on {both} "
         f"({100 * both / max(n, 1):.0f}%). Run on {date} in {seconds / 60:.1f} minutes (CPU, "
         f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}, torch {torch.__version__}); "
         f"regenerate with `{command}`. The last column is each family's time: build, both methods, every check.",
         "",
         "| family | model | input px | adapted layers | layer types | PSOFT trainable | OFTv2 trainable | PSOFT "
-        "| OFTv2 | seconds |",
-        "|---|---|--:|--:|---|--:|--:|---|---|--:|",
+        "| OFTv2 | fx | features_only | seconds |",
+        "|---|---|--:|--:|---|--:|--:|---|---|---|---|--:|",
     ]
     for r in results:
         types = ", ".join(f"{t} {c}" for t, c in r.layer_types.most_common())
@@ -463,7 +601,8 @@ def markdown(results: list[FamilyResult], seconds: float, command: str) -> str:
                      for m in METHODS]
         lines.append(f"| {r.entry.family} | `{r.entry.label()}` | {r.input_side} | {r.layers} | {types} | "
                      f"{' | '.join(trainable)} | "
-                     f"{' | '.join(_status(r, m) for m in METHODS)} | {r.seconds:.1f} |")
+                     f"{' | '.join(_status(r, m) for m in METHODS)} | {_fx_status(r)} | {_features_status(r)} | "
+                     f"{r.seconds:.1f} |")
     notes = [(r.entry.family, r.entry.why) for r in results if r.entry.why]
     if notes:
         lines += ["", "Built smaller or otherwise than their smallest model:", ""]
@@ -474,6 +613,7 @@ def markdown(results: list[FamilyResult], seconds: float, command: str) -> str:
             problems.append(f"- {r.entry.family}: the model itself does not run: {r.error.splitlines()[0][:300]}")
         problems += [f"- {r.entry.family}, {NAMES[m]}: {o.status}: {o.detail.splitlines()[0][:300]}"
                      for m, o in r.methods.items() if o.status != "pass"]
+        problems += [f"- {r.entry.family}, {failure.splitlines()[0][:300]}" for failure in r.contract_failures()]
     if problems:
         lines += ["", "Not passing, and why:", "", *problems]
     return "\n".join(lines)
@@ -512,16 +652,21 @@ def main(argv=None) -> int:
         result = run_family(family)
         results.append(result)
         status = "  ".join(f"{m} {r.status} {r.seconds:5.1f}s" for m, r in result.methods.items()) or result.error
-        print(f"{family:28s} {result.entry.label()[:44]:44s} {result.layers:4d} layers  {status}", flush=True)
+        print(f"{family:28s} {result.entry.label()[:44]:44s} {result.layers:4d} layers  {status}  fx "
+              f"{_fx_status(result)}  features_only {_features_status(result)}", flush=True)
         for m, r in result.methods.items():
             if r.status != "pass":
                 print(f"    {m}: {r.detail[:400]}", flush=True)
+        for failure in result.contract_failures():
+            print(f"    {failure[:400]}", flush=True)
     seconds = time.perf_counter() - start
     if args.out:
         write_section(args.out, markdown(results, seconds, "make zoo"))
     both = sum(r.passed() for r in results)
-    print(f"{both} of {len(results)} families pass with both methods in {seconds / 60:.1f} minutes")
-    return 0 if both == len(results) else 1
+    contract = sum(not r.contract_failures() for r in results)
+    print(f"{both} of {len(results)} families pass with both methods, {contract} the fx and features_only checks, "
+          f"in {seconds / 60:.1f} minutes")
+    return 0 if both == contract == len(results) else 1
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from .errors import (
     OutputPathError,
     PSOFTVisionError,
     TargetNotFoundError,
+    TorchScriptError,
     UnsupportedLayerError,
     WeightsNotLoadedError,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "PSOFTConfig",
     "PSOFTVisionError",
     "TargetNotFoundError",
+    "TorchScriptError",
     "UnsupportedLayerError",
     "WeightsNotLoadedError",
     "activate",

@@ -84,3 +84,7 @@ class OutputPathError(PSOFTVisionError, OSError):
     """A path to write cannot take the file or folder: it is not a regular file (a device, a FIFO, a directory), its
     folder is a file, or the file system refused the write (read-only, full, permissions). What was there before is
     left as it was."""
+
+
+class TorchScriptError(PSOFTVisionError, RuntimeError):
+    """``torch.jit.script`` was given a model that holds adapted layers; TorchScript is not supported."""

@@ -27,7 +27,7 @@ from torch import nn
 
 from .adapter import Adapter, Inner, fp32
 from .bases import classify, weight_of
-from .errors import KeyMismatchError
+from .errors import KeyMismatchError, TorchScriptError
 
 
 class AdaptedLayer(nn.Module):
@@ -83,6 +83,10 @@ class AdaptedLayer(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # named like nn.Linear's: some callers pass input=
         if self.kind.weight_path and len(self.active) > len(self.merged):
+            if isinstance(input, torch.fx.Proxy):
+                # torch.fx can neither put a Proxy in the parameter's place nor trace every base's own forward
+                # (timm's Conv2dSame pads by the input's size): the graph calls this layer as one node, run eagerly
+                return input.tracer.create_proxy("call_module", input.tracer.path_of_module(self), (input,), {})
             return torch.func.functional_call(self.base, {"weight": self.weight}, (input,))
         layer = Inner(self.base, self.base)
         for name in self.active[len(self.merged) :]:
@@ -128,6 +132,17 @@ class AdaptedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={self.active}, merged={self.merged}"
+
+    def __prepare_scriptable__(self):
+        """Called by ``torch.jit.script`` on every module before compiling it: adapted layers refuse, by name, since
+        TorchScript (deprecated by PyTorch) cannot compile their forward (keyword-argument convolutions, closures,
+        custom autograd). torch.export and torch.compile are the supported ways to deploy."""
+        raise TorchScriptError(
+            f"torch.jit.script cannot compile a model with adapters (this layer wraps a {type(self.base).__name__}, "
+            f"adapters {self.active}); TorchScript is deprecated by PyTorch. Deploy with torch.export: "
+            "psoft_vision.merge(model) (the adapters folded into the weights), then "
+            "torch.export.export(model, (example_input,)); torch.compile(model) works too, merged or not. "
+            "psoft_vision.merge_and_unload(model) gives the plain model, which scripts.")
 
 
 def _read_extra_state(state, adapters: list[str]) -> tuple[list[str], int, dict[str, float]]:

@@ -1,11 +1,16 @@
 """Training features users of timm expect, on adapted models: gradient checkpointing (gradients as without it),
-torch.compile (same outputs and gradients, one graph: ``fullgraph=True`` fails on any graph break) and
-channels_last convolution models (same outputs and gradients as contiguous ones, merged or not).
+torch.compile (same outputs and gradients, one graph: ``fullgraph=True`` fails on any graph break),
+channels_last convolution models (same outputs and gradients as contiguous ones, merged or not), torch.fx tracing
+(the graph computes the rotations and trains the adapters), timm's ``features_only`` wrappers (injected before or
+after wrapping) and TorchScript (a named refusal; torch.export deploys). tests/test_zoo.py checks fx and the
+wrappers' layer sets on every family of its subset.
 
 torch.compile runs with the ``aot_eager`` backend: Dynamo captures the graph and AOTAutograd traces the backward,
 which is where graph breaks and autograd.Function trouble show, without inductor's code generation (1 to 2.5
 minutes per tiny model on 2 CPU cores; it agreed to 3e-6 in a manual run).
 """
+
+import functools
 
 import pytest
 import timm
@@ -121,3 +126,91 @@ def test_channels_last_gives_the_same_outputs_and_gradients(model_name, method):
         assert rel_err(model(x_last), out) <= 1e-5
         pv.unmerge(model)
         assert rel_err(model(x_last), out) <= 1e-5
+
+
+# -------------------------------------------------------------------------------------------------------- torch.fx
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_fx_traced_model_computes_the_rotations_and_trains_the_adapters(method):
+    """Traced without gradients, where the eager forward would take a cached rotation: the graph reads the adapter
+    parameters (no rotation baked in as a constant), and a training step on the traced module moves the adapters
+    exactly as it moves them eagerly."""
+    model, x = adapted("resnet", method)
+    model.eval()
+    with torch.no_grad():
+        model(x)  # fills the eager cache, which tracing must not read
+        traced = torch.fx.symbolic_trace(model)
+    assert {f"{n}.adapters.default.q" for n, _ in pv.adapted_layers(model)} <= \
+        {node.target for node in traced.graph.nodes if node.op == "get_attr"}
+    constants = [functools.reduce(getattr, node.target.split("."), traced) for node in traced.graph.nodes
+                 if node.op == "get_attr" and "_tensor_constant" in node.target]
+    assert not [c for c in constants if c.is_floating_point()]  # only index tensors; a rotation would be float
+    out, expected = adapter_grads(model, x)
+    traced_out, grads = adapter_grads(traced, x)
+    assert rel_err(traced_out, out) <= 1e-5
+    assert_close(grads, expected, 1e-4)  # per tensor, some of them tiny: the zoo's fx check bounds them at 1e-5 of all
+    optimizer = torch.optim.SGD([p for p in traced.parameters() if p.requires_grad], lr=1.0)
+    optimizer.step()  # the traced module shares the model's parameters
+    with torch.no_grad():
+        assert rel_err(traced(x), model(x)) <= 1e-5 and rel_err(model(x), out) > 1e-4
+
+
+# --------------------------------------------------------------------------------------- features_only wrappers
+def _wrap(model: nn.Module, feature_cls: str) -> nn.Module:
+    """``model`` wrapped as ``create_model(..., features_only=True, feature_cls=...)`` wraps it (timm's builder)."""
+    from timm.models._builder import pretrained_cfg_for_features
+    from timm.models._features import FeatureDictNet, FeatureGetterNet, FeatureHookNet, FeatureListNet
+    from timm.models._features_fx import FeatureGraphNet
+
+    cls = {"list": FeatureListNet, "dict": FeatureDictNet, "hook": FeatureHookNet, "getter": FeatureGetterNet,
+           "fx": FeatureGraphNet}[feature_cls]
+    wrapper = cls(model, out_indices=(1, 2, 3))
+    wrapper.pretrained_cfg = pretrained_cfg_for_features(model.pretrained_cfg)
+    return wrapper
+
+
+@pytest.mark.parametrize("feature_cls", ["list", "dict", "hook", "getter", "fx"])
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_inject_then_wrap_gives_the_adapted_features_and_trains_the_kept_adapters(feature_cls, method):
+    """Injected into the full model, then wrapped: the wrapper's features are the adapted model's intermediates and
+    their gradient reaches the adapters of the stages kept (fx included: the graph computes the rotations)."""
+    model, x = adapted("resnet", method)
+    model.eval()
+    expected = model.forward_intermediates(x, indices=(1, 2, 3), intermediates_only=True)
+    wrapper = _wrap(model, feature_cls)
+    features = wrapper(x)
+    features = list(features.values()) if isinstance(features, dict) else features
+    assert len(features) == 3 and all(rel_err(f, e) <= 1e-5 for f, e in zip(features, expected, strict=True))
+    model.zero_grad(set_to_none=True)
+    features[-1].pow(2).mean().backward()
+    kept = [p for n, p in model.named_parameters() if ".adapters." in n and n.startswith(("layer1.", "layer2.",
+                                                                                             "layer3."))]
+    assert kept and all(p.grad is not None and p.grad.any() for p in kept)
+
+
+@pytest.mark.parametrize("feature_cls", ["list", "dict", "hook", "getter", "fx"])
+def test_wrap_then_inject_adapts_the_full_models_layers_of_the_kept_stages(feature_cls):
+    """The same layer objects: ``targets="auto"`` on the wrapper picks those it picks on the full model, among the
+    ones the wrapper keeps (resnet's last stage is dropped, its stem kept and never adapted)."""
+    model = timm.create_model("resnet10t", pretrained=False)
+    full = [model.get_submodule(n) for n in pv.targets.select(model, "auto")]  # kept alive: ids stay unique
+    wrapper = _wrap(model, feature_cls)
+    kept = {id(m) for _, m in wrapper.named_modules()}
+    chosen = [wrapper.get_submodule(n) for n in pv.targets.select(wrapper, "auto")]
+    assert chosen and {id(m) for m in chosen} == {id(m) for m in full} & kept
+    assert id(model.conv1[0]) in kept and id(model.conv1[0]) not in {id(m) for m in chosen}  # the stem
+
+
+# ------------------------------------------------------------------------------------------------------- TorchScript
+@pytest.mark.parametrize("merged", [False, True])
+def test_torchscript_refuses_by_name_and_torch_export_deploys(merged):
+    model, x = adapted("resnet", "psoft")
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+        if merged:
+            pv.merge(model)
+        with pytest.raises(pv.TorchScriptError, match=r"psoft_vision\.merge\(model\).*torch\.export\.export"):
+            torch.jit.script(model)
+        assert rel_err(model(x), expected) <= 1e-5  # the refusal left the model as it was
+        exported = torch.export.export(model, (x,))
+        assert rel_err(exported.module()(x), expected) <= 1e-5

@@ -1,11 +1,14 @@
 """The timm zoo (bench/zoo.py): every check of the sweep, with PSOFT and OFTv2 defaults, on a representative subset
 of timm families in the default suite, and on every family under ``pytest -m zoo`` (``make zoo`` runs the same
-sweep and rewrites docs/models.md). Then that the checks catch a wrong merge and an adapter left out of the
-forward, and that the table replaces only its own section of docs/models.md."""
+sweep and rewrites docs/models.md), with the fx and ``features_only`` checks. Then that the checks catch a wrong
+merge, an adapter left out of the forward, a rotation traced in as a constant and a wrapper's wrong layer set, and
+that the table replaces only its own section of docs/models.md."""
 
 import pytest
 import torch
 
+import psoft_vision.adapter
+import psoft_vision.targets.structure
 from bench import zoo
 from bench.zoo import Entry
 from psoft_vision.layer import AdaptedLayer
@@ -34,11 +37,14 @@ SUBSET = [
 ]
 
 
-def assert_passes(result: zoo.FamilyResult) -> None:
+def assert_passes(result: zoo.FamilyResult, traceable: bool = True) -> None:
     assert not result.error, f"{result.entry.label()}: {result.error}"
     failures = {m: f"{r.status}: {r.detail}" for m, r in result.methods.items() if r.status != "pass"}
     assert not failures, f"{result.entry.label()}: {failures}"
+    assert not result.contract_failures(), f"{result.entry.label()}: {result.contract_failures()}"
     assert result.layers > 0
+    if traceable:  # every family of the subset traces with timm's fx feature extraction
+        assert all(r.fx == "pass" for r in result.methods.values()), {m: r.fx for m, r in result.methods.items()}
 
 
 @pytest.mark.parametrize("entry", SUBSET, ids=lambda e: e.family)
@@ -49,7 +55,7 @@ def test_representative_families_pass_every_check(entry):
 @pytest.mark.zoo
 @pytest.mark.parametrize("family", zoo.families())
 def test_every_timm_family_passes_every_check(family):
-    assert_passes(zoo.run_family(family))
+    assert_passes(zoo.run_family(family), traceable=False)  # "n/a" where timm cannot trace the plain model
 
 
 def test_every_shrunk_entry_is_a_timm_family_and_says_why():
@@ -70,6 +76,22 @@ def test_an_adapter_outside_the_forward_fails_the_sweep(monkeypatch):
     result = zoo.run(zoo.entry_for("resnet"), methods=("oft",))
     assert result.methods["oft"].status == "fail"
     assert "no gradient" in result.methods["oft"].detail
+
+
+def test_a_rotation_traced_in_as_a_constant_fails_the_fx_check(monkeypatch):
+    # the cache read while tracing without gradients: the graph holds the rotation, not the parameters
+    monkeypatch.setattr(psoft_vision.adapter, "tracing", lambda: False)
+    result = zoo.run(zoo.entry_for("resnet"), methods=("oft",))
+    assert result.methods["oft"].status == "pass"
+    assert "parameters get a gradient eagerly, 0 traced" in result.methods["oft"].fx
+    assert result.contract_failures()
+
+
+def test_a_wrapper_with_the_wrong_layers_fails_the_features_check(monkeypatch):
+    # a wrapper read like any other model: its stages of one block are no repeated blocks
+    monkeypatch.setattr(psoft_vision.targets.structure, "_feature_wrapper", lambda model: None)
+    features = zoo.check_features(zoo.entry_for("regnet"))
+    assert features and all(s != "pass" for s in features.values() if not s.startswith("n/a"))
 
 
 def test_zero_and_layer_scale_parameters_get_signal():

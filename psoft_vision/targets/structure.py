@@ -18,9 +18,11 @@ import math
 import re
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from ..bases import CONV2D, LINEAR, classify
+from ..errors import TargetNotFoundError
 from ..layer import AdaptedLayer
 
 #: A group_matcher pattern with a suffix this large sorts after its group's blocks: timm's MATCH_PREV_GROUP (99999)
@@ -142,7 +144,11 @@ def _reads_one_channel(module: nn.Module) -> bool:
 
 
 def timm_targets(model: nn.Module) -> list[str]:
-    """The layers of a timm model that ``"auto"`` adapts (see the module docstring)."""
+    """The layers of a timm model that ``"auto"`` adapts (see the module docstring); on a ``features_only``
+    wrapper, exactly those the full model would adapt among the layers the wrapper keeps."""
+    wrapper = _feature_wrapper(model)
+    if wrapper is not None:
+        return _wrapper_targets(model, *wrapper)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     classifier = cfg.get("classifier") or ()
     classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
@@ -155,6 +161,80 @@ def timm_targets(model: nn.Module) -> list[str]:
     return [name for name, module in layers
             if name in in_block and not _reads_image(module, channels) and not _reads_one_channel(module)
             and not any(name == c or name.startswith(c + ".") for c in classifier)]
+
+
+# ---------------------------------------------------------------------------------------- timm feature wrappers
+def _feature_wrapper(model: nn.Module) -> tuple[str, bool] | None:
+    """``(where the wrapper keeps the model's modules, whether that is the whole model)`` for a timm
+    ``features_only`` wrapper, None for any other module.
+
+    FeatureGetterNet keeps the model itself (``model``), as FeatureHookNet does without rewriting (``body``).
+    FeatureListNet, FeatureDictNet and FeatureHookNet keep the model's top-level modules up to its last feature, the
+    first level of each ``Sequential`` flattened (``stages.0`` becomes ``stages_0``); FeatureGraphNet's fx graph
+    (``graph_module``) keeps the modules it calls under their own paths. Neither kind keeps ``group_matcher``.
+    """
+    if not is_timm_model(model):
+        return None
+    from timm.models._features import FeatureDictNet, FeatureGetterNet, FeatureHookNet
+    from timm.models._features_fx import FeatureGraphNet
+
+    if isinstance(model, FeatureGetterNet):
+        return "model", True
+    if isinstance(model, FeatureHookNet) and list(model.keys()) == ["body"]:
+        return "body", True
+    if isinstance(model, FeatureDictNet | FeatureHookNet):
+        return "", False
+    if isinstance(model, FeatureGraphNet):
+        return "graph_module", False
+    return None
+
+
+def _wrapper_targets(model: nn.Module, where: str, whole: bool) -> list[str]:
+    """The full model's targets among the layers a feature wrapper keeps, under the wrapper's names."""
+    prefix = where + "." if where else ""
+    if whole:
+        return [prefix + name for name in timm_targets(model.get_submodule(where))]
+    full, originals = _with_kept_modules(model, model.get_submodule(where) if where else model)
+    found = []
+    for name in timm_targets(full):
+        for original, child in originals.items():
+            if name == original or name.startswith(original + "."):
+                found.append(prefix + child + name[len(original):])
+    return found
+
+
+def _with_kept_modules(model: nn.Module, holder: nn.Module) -> tuple[nn.Module, dict[str, str]]:
+    """The wrapped architecture built on the meta device with the wrapper's own modules put in their places, and
+    ``{path in that model: name of the holder's child}``: the full model's structure (its ``group_matcher``, the
+    stages the wrapper dropped) around the wrapper's real layers."""
+    import timm
+
+    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    try:
+        with torch.device("meta"):
+            full = timm.create_model(arch, pretrained=False)
+    except Exception as error:
+        raise TargetNotFoundError(
+            f"targets='auto' on a timm {type(model).__name__} reads the layout of the model it wraps, "
+            f"pretrained_cfg['architecture']={arch!r}, which could not be built ({type(error).__name__}: {error}). "
+            "Inject into the full model before wrapping it, or pass targets= the module names.") from error
+    kept = dict(holder.named_children())
+    originals = {}
+    for name, child in full.named_children():
+        if name in kept:
+            originals[name] = name
+        elif isinstance(child, nn.Sequential):
+            originals.update({f"{name}.{sub}": f"{name}_{sub}" for sub, _ in child.named_children()
+                              if f"{name}_{sub}" in kept})
+    unknown = set(kept) - set(originals.values())
+    if unknown:
+        raise TargetNotFoundError(
+            f"targets='auto' on a timm {type(model).__name__}: {sorted(unknown)} are not modules of {arch!r} as "
+            "timm builds it by default. Inject into the full model before wrapping it, or pass targets= the module "
+            "names.")
+    for original, child in originals.items():
+        full.set_submodule(original, kept[child])
+    return full, originals
 
 
 # -------------------------------------------------------------------------------------------------- diffusers
