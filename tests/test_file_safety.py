@@ -107,32 +107,30 @@ def test_a_symlink_to_a_device_is_not_replaced(tmp_path):
     assert link.is_symlink() and _kind(device) == stat.S_IFCHR
 
 
+#: Every writer of adapter files and exports, by name: ``(model, path)``.
+WRITERS = {"save_adapter": pv.save_adapter, "export_lora": pv.export_lora,
+           "export_lora peft": lambda model, path: pv.export_lora(model, path, format="peft"),
+           "export_oft": pv.export_oft}
+
+
 @pytest.mark.parametrize("path", ["", "."])
-@pytest.mark.parametrize("writer", ["save_adapter", "export_lora", "export_lora peft", "export_oft"])
+@pytest.mark.parametrize("writer", list(WRITERS))
 def test_empty_and_dot_paths_are_named_errors(tmp_path, monkeypatch, path, writer):
     monkeypatch.chdir(tmp_path)
     model = adapted("oft" if writer == "export_oft" else "psoft")
-    call = {"save_adapter": lambda: pv.save_adapter(model, path),
-            "export_lora": lambda: pv.export_lora(model, path),
-            "export_lora peft": lambda: pv.export_lora(model, path, format="peft"),
-            "export_oft": lambda: pv.export_oft(model, path)}[writer]
     with pytest.raises(pv.OutputPathError, match="names no"):
-        call()
+        WRITERS[writer](model, path)
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("writer", ["save_adapter", "export_lora", "export_lora peft", "export_oft"])
+@pytest.mark.parametrize("writer", list(WRITERS))
 def test_a_folder_that_is_a_file_is_a_named_error(tmp_path, writer):
     blocking = tmp_path / "models"
     blocking.write_text("a file")
     model = adapted("oft" if writer == "export_oft" else "psoft")
     target = blocking / "run" / ("a.safetensors" if writer == "save_adapter" else "out")
-    call = {"save_adapter": lambda: pv.save_adapter(model, target),
-            "export_lora": lambda: pv.export_lora(model, target),
-            "export_lora peft": lambda: pv.export_lora(model, target, format="peft"),
-            "export_oft": lambda: pv.export_oft(model, target)}[writer]
     with pytest.raises(pv.OutputPathError, match="models' is a regular file, not a folder"):
-        call()
+        WRITERS[writer](model, target)
     assert blocking.read_text() == "a file" and sorted(p.name for p in tmp_path.iterdir()) == ["models"]
 
 
