@@ -8,8 +8,8 @@ Three stages; each reads the results of the one before, so a stopped search resu
 1. ``lr``: each method at its default size, five learning rates half a decade apart (100x), centred on its default.
 2. ``size``: each method at its stage-1 learning rate: PSOFT ranks 8, 16 and 32 with and without the scaling
    vectors, OFTv2 block sizes 4, 8 and 16, LoRA ranks 4 and 16.
-3. ``refine``: each method's best size of stage 2 at the two learning rates beside its stage-1 best (x and / by
-   sqrt(10)), unless stage 1 already ran that size there.
+3. ``refine``: each method's best of stage 2 at the two learning rates beside it (x and / by sqrt(10)); those
+   stage 1 ran already cost nothing, and a best at the edge of the grid gets a neighbour beyond it.
 
 A configuration's score is its held-out loss averaged over the seeds. Every run trains in its own process
 (``python -m train.dreambooth``, its defaults but the flags of the configuration, no validation grid but the last)
@@ -166,8 +166,7 @@ class Search:
         refine = []
         for m in methods:
             best = min((c for c in size_stage if c.method == m), key=size_stage.get)
-            if best.size != CENTRES[m][0]:
-                refine += [Config(m, best.size, float(f"{best.lr * f:.3g}")) for f in (1 / HALF_DECADE, HALF_DECADE)]
+            refine += [Config(m, best.size, float(f"{best.lr * f:.3g}")) for f in (1 / HALF_DECADE, HALF_DECADE)]
         yield "refine", self.run_all(refine)
 
 

@@ -1,0 +1,91 @@
+"""The DreamBooth search (train/dreambooth/search.py): which configurations each stage runs, that it selects on the
+held-out loss alone, that it resumes from its records without training again, and one real run on a tiny pipeline."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from train.dreambooth import search
+from train.offline.pretrain_t2i import build_pipeline
+
+#: The made-up held-out loss of the fake runs: lowest at these learning rates, and for PSOFT at rank 32 without the
+#: scaling vectors, OFTv2 at block size 4 and LoRA at rank 4 (its default size: no refinement).
+BEST_LR = {"psoft": 0.0316, "oft": 0.1, "lora": 0.00158}
+BEST_SIZE = {"psoft": ("--rank", "32", "--no-train_alpha", "--no-train_beta"), "oft": ("--block_size", "4"),
+             "lora": ("--lora_rank", "4")}
+
+
+def fake_loss(config: search.Config, seed: int) -> float:
+    return (0.1 + math.log10(config.lr / BEST_LR[config.method]) ** 2 + 0.01 * (config.size != BEST_SIZE[config.method])
+            + 0.001 * seed)
+
+
+@pytest.fixture
+def fake_training(monkeypatch):
+    """Trainings replaced by a metrics.json and the made-up loss of their flags; the commands, in order."""
+    commands = []
+
+    def run(command, check, env, stdout):
+        method_at, lr_at = command.index("--method"), command.index("--learning_rate")
+        config = search.Config(command[method_at + 1], tuple(command[method_at + 2:lr_at]), float(command[lr_at + 1]))
+        folder = search.Path(command[command.index("--output_dir") + 1])
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({"trainable": 1, "train_s": 1.0, "peak_mib": 2.0}))
+        (folder / "loss").write_text(str(fake_loss(config, int(command[command.index("--seed") + 1]))))
+        commands.append(command)
+
+    monkeypatch.setattr(search, "subprocess", SimpleNamespace(run=run, DEVNULL=None))  # this module's calls only
+    monkeypatch.setattr(search, "heldout_loss", lambda folder, heldout, prompt: float((folder / "loss").read_text()))
+    return commands
+
+
+def test_each_stage_runs_its_grid_and_the_best_is_the_lowest_heldout_loss(tmp_path, fake_training):
+    doc = tmp_path / "docs" / "search.md"
+    best = search.main(["--out", str(tmp_path / "runs"), "--doc", str(doc)])
+    assert {m: (c.size, c.lr) for m, (c, _) in best.items()} == {m: (BEST_SIZE[m], BEST_LR[m]) for m in BEST_LR}
+    runs = json.loads(doc.with_suffix(".json").read_text())["runs"]
+    lrs = {m: sorted({r["lr"] for r in runs.values() if r["method"] == m}) for m in BEST_LR}
+    assert all(len(lrs[m]) >= 4 and lrs[m][-1] / lrs[m][0] >= 30 for m in lrs)  # the issue's grid: >= 4 lrs, >= 30x
+    sizes = {m: {r["size"] for r in runs.values() if r["method"] == m} for m in BEST_LR}
+    assert sizes == {"psoft": {"r=8", "r=16", "r=32", "r=8 no scalings", "r=16 no scalings", "r=32 no scalings"},
+                     "oft": {"b=4", "b=8", "b=16"}, "lora": {"r=4", "r=16"}}
+    assert {r["seed"] for r in runs.values()} == {0, 1}
+    # stage 1: 5 lrs x 3 methods; stage 2: 6 + 3 + 2 sizes at the stage-1 lr, less the 3 already run; refine: the 2
+    # lrs beside each best, new for PSOFT and OFTv2 (their best size is not the one of stage 1; OFTv2's lr is beyond
+    # the grid), run already for LoRA
+    assert len(fake_training) == 2 * (15 + 8 + 4)
+    assert max(lrs["oft"]) > 0.1
+    text = doc.read_text()
+    assert "## Best per method" in text and doc.with_suffix(".png").is_file()
+
+
+def test_a_resumed_search_trains_nothing_it_has_a_record_of(tmp_path, fake_training):
+    doc = tmp_path / "search.md"
+    first = search.main(["--out", str(tmp_path / "a"), "--doc", str(doc), "--methods", "lora"])
+    trained = len(fake_training)
+    assert trained > 0
+    # another machine: a fresh --out, only the doc's JSON record carried over
+    again = search.main(["--out", str(tmp_path / "b"), "--doc", str(doc), "--methods", "lora"])
+    assert len(fake_training) == trained and again == first
+
+
+def test_an_unknown_method_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="unknown"):
+        search.main(["--out", str(tmp_path), "--methods", "dora"])
+
+
+@pytest.mark.trainer
+@pytest.mark.usefixtures("one_thread")
+def test_one_real_run_records_a_finite_heldout_loss(tmp_path):
+    pipe = tmp_path / "pipe"
+    build_pipeline(seed=0).save_pretrained(pipe)
+    args = search.build_parser().parse_args([
+        "--out", str(tmp_path / "runs"), "--seeds", "0", "--", "--pretrained_model_name_or_path", str(pipe),
+        "--max_train_steps", "2", "--num_class_images", "2"])
+    record = search.Search(args).run(search.Config("psoft", ("--rank", "4"), 1e-2), seed=0)
+    assert math.isfinite(record["heldout_loss"]) and record["trainable"] > 0
+    saved = json.loads((tmp_path / "runs" / "search.json").read_text())["runs"]
+    assert saved == {"psoft-rank4-lr0.01/seed0": record}
+    assert len(list((tmp_path / "runs").rglob("class/*.png"))) == 2  # the class images it generated, kept
