@@ -43,7 +43,7 @@ def fake_training(monkeypatch):
 
 def test_each_stage_runs_its_grid_and_the_best_is_the_lowest_heldout_loss(tmp_path, fake_training):
     doc = tmp_path / "docs" / "search.md"
-    best = search.main(["--out", str(tmp_path / "runs"), "--doc", str(doc)])
+    best = search.main(["--out", str(tmp_path / "runs"), "--doc", str(doc), "--jobs", "2"])
     assert {m: (c.size, c.lr) for m, (c, _) in best.items()} == {m: (BEST_SIZE[m], BEST_LR[m]) for m in BEST_LR}
     runs = json.loads(doc.with_suffix(".json").read_text())["runs"]
     lrs = {m: sorted({r["lr"] for r in runs.values() if r["method"] == m}) for m in BEST_LR}

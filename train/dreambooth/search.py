@@ -24,7 +24,7 @@ import math
 import os
 import subprocess
 import sys
-import time
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +107,7 @@ class Search:
         self.folder = subject_folder(args.subject, args.out / "subjects")
         self.files = [args.out / "search.json", *([args.doc.with_suffix(".json")] if args.doc else [])]
         self.records: dict[str, dict] = {}
+        self.scoring = threading.Lock()
         for file in self.files:
             if file.is_file():
                 self.records.update(json.loads(file.read_text())["runs"])
@@ -119,6 +120,21 @@ class Search:
         if key in self.records:
             return self.records[key]
         folder = self.args.out / self.args.subject / key
+        if not (folder / "metrics.json").is_file():  # else it trained before the search stopped: only score it
+            self.train(config, seed, folder)
+        metrics = json.loads((folder / "metrics.json").read_text())
+        # one thread at a time: loading a pipeline is not thread-safe (accelerate's empty-weights patch is global),
+        # and neither is rewriting the record files
+        with self.scoring:
+            loss = heldout_loss(folder, self.folder / "heldout", self.subject.instance_prompt)
+            record = dict(method=config.method, size=config.size_label, lr=config.lr, seed=seed, heldout_loss=loss,
+                          trainable=metrics["trainable"], train_s=metrics["train_s"], peak_mib=metrics["peak_mib"])
+            self.records[key] = record
+            self.save()
+        print(f"{key}: held-out loss {loss:.4f} (trained in {record['train_s']:.0f} s)", flush=True)
+        return record
+
+    def train(self, config: Config, seed: int, folder: Path) -> None:
         command = [sys.executable, "-m", "train.dreambooth", *config.flags(), "--seed", str(seed),
                    "--output_dir", str(folder), "--class_data_dir", str(self.args.out / self.args.subject / "class"),
                    "--instance_data_dir", str(self.folder / "train"), "--instance_prompt", self.subject.instance_prompt,
@@ -126,17 +142,7 @@ class Search:
                    "--num_validation_images", "1", *self.args.extra]
         threads = "1" if self.args.jobs > 1 else os.environ.get("OMP_NUM_THREADS", "")
         env = dict(os.environ, **({"OMP_NUM_THREADS": threads} if threads else {}))
-        start = time.perf_counter()
         subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
-        metrics = json.loads((folder / "metrics.json").read_text())
-        record = dict(method=config.method, size=config.size_label, lr=config.lr, seed=seed,
-                      heldout_loss=heldout_loss(folder, self.folder / "heldout", self.subject.instance_prompt),
-                      trainable=metrics["trainable"], train_s=metrics["train_s"], peak_mib=metrics["peak_mib"],
-                      wall_s=round(time.perf_counter() - start, 1))
-        self.records[key] = record
-        self.save()
-        print(f"{key}: held-out loss {record['heldout_loss']:.4f} ({record['wall_s']:.0f} s)", flush=True)
-        return record
 
     def save(self) -> None:
         for file in self.files:
