@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from train.dreambooth import search
+from train.dreambooth import compare, search
 from train.offline.pretrain_t2i import build_pipeline
 
 #: The made-up held-out loss of the fake runs: lowest at these learning rates, and for PSOFT at rank 32 without the
@@ -69,6 +69,27 @@ def test_a_resumed_search_trains_nothing_it_has_a_record_of(tmp_path, fake_train
     # another machine: a fresh --out, only the doc's JSON record carried over
     again = search.main(["--out", str(tmp_path / "b"), "--doc", str(doc), "--methods", "lora"])
     assert len(fake_training) == trained and again == first
+
+
+def record(method: str, size: str, lr: float, loss: float, trainable: int) -> dict:
+    return dict(method=method, size=size, lr=lr, seed=0, heldout_loss=loss, trainable=trainable, train_s=1.0,
+                peak_mib=1.0)
+
+
+def test_the_comparison_takes_each_methods_best_and_psoft_at_loras_budget_from_the_record(tmp_path):
+    runs = [record("psoft", "r=16", 0.01, 0.15, 12_768), record("psoft", "r=16", 0.1, 0.12, 12_768),
+            record("psoft", "r=32", 0.01, 0.16, 47_040), record("psoft", "r=32 no scalings", 0.01, 0.17, 41_664),
+            record("psoft", "r=32", 0.0316, 0.155, 47_040), record("oft", "b=4", 0.0316, 0.14, 9_000),
+            record("lora", "r=4", 0.0158, 0.13, 48_640), record("lora", "r=16", 0.0158, 0.135, 194_560)]
+    path = tmp_path / "search.json"
+    path.write_text(json.dumps({"subject": "coffee", "seeds": [0], "runs": {str(i): r for i, r in enumerate(runs)}}))
+    rows = {row.key: row for row in compare.searched_rows(path)}
+    assert rows["psoft"].flags == ("--rank", "16", "--learning_rate", "0.1")
+    assert rows["oft"].flags == ("--block_size", "4", "--learning_rate", "0.0316")
+    assert rows["lora"].flags == ("--lora_rank", "4", "--learning_rate", "0.0158")
+    # r=32 is nearest LoRA r=4's 48,640 parameters; its best learning rate there
+    assert rows["psoft-budget"].flags == ("--rank", "32", "--learning_rate", "0.0316")
+    assert rows["psoft"].label == "ours PSOFT r=16" and "LoRA's parameter count" in rows["psoft-budget"].label
 
 
 def test_an_unknown_method_is_refused(tmp_path):

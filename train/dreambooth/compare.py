@@ -1,10 +1,15 @@
-"""Ours PSOFT, ours OFTv2 and PEFT LoRA r=4 on several DreamBooth subjects and seeds, with the same data and steps.
+"""Ours PSOFT, ours OFTv2 and PEFT LoRA on several DreamBooth subjects and seeds, with the same data and steps, each
+method at its searched best.
 
     python -m train.dreambooth.compare --out runs/dreambooth-compare --doc docs/dreambooth_offline.md --jobs 2
     python -m train.dreambooth.compare --subjects coffee --seeds 0 --ship    # the default run only, then ship it
 
-Each run trains in its own process (``python -m train.dreambooth`` with its defaults and the subject's prompts, so
-the PSOFT run on coffee with seed 0 is exactly the default run), which makes the peak resident memory its own.
+The rows come from the search's record (``--search``, written by ``python -m train.dreambooth.search``): each method
+at its lowest held-out loss, and PSOFT at the size whose parameter count is nearest LoRA's, where that is another
+size. Without a record, each method runs at the trainer's defaults (which are the searched values).
+
+Each run trains in its own process (``python -m train.dreambooth`` with the row's flags and the subject's prompts,
+so the PSOFT run on coffee with seed 0 is exactly the default run), which makes the peak resident memory its own.
 Class images are generated once per subject (by its seed-0 run) and shared by every method and seed, so the seeds
 vary the training draws alone. Then train/dreambooth/metrics.py scores the base model and every run of a subject on
 the same sampling seeds. Writes ``<out>/compare.json`` (every number of every run), markdown tables of the mean and
@@ -20,23 +25,59 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..common.paths import ASSETS
+from . import search
 from .images import image_grid, list_images, load_images, save_png
 from .metrics import NUMBERS, evaluate_runs
 from .metrics import build_parser as metrics_parser
 from .subject import DEFAULT_SUBJECT, SUBJECTS, subject_folder
 
-RUNS = (("psoft", "ours PSOFT"), ("oft", "ours OFTv2"), ("lora", "PEFT LoRA r=4"))
-LABELS = dict(RUNS, base="base model")
+SEARCH = ASSETS.parent / "docs" / "dreambooth_search.json"
 COLUMNS = (("subject_sim", "subject sim ↑"), ("colour_dist", "colour dist ↓"),
            ("heldout_loss", "held-out loss ↓"), ("class_acc", "class acc"),
            ("class_drift", "class drift ↓"), ("diversity", "diversity"))
 COSTS = (("trainable", "trainable"), ("train_s", "train s"), ("peak_mib", "peak MiB"))
 PROSE = "## What the samples show"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the comparison: a method with the trainer flags of its configuration (none: the defaults)."""
+
+    key: str  # the row's run folders are named after it
+    method: str
+    label: str
+    flags: tuple[str, ...] = ()
+
+
+DEFAULT_ROWS = (Row("psoft", "psoft", "ours PSOFT"), Row("oft", "oft", "ours OFTv2"), Row("lora", "lora", "PEFT LoRA"))
+
+
+def searched_rows(path: Path) -> tuple[Row, ...]:
+    """Each method of the search's record at its lowest mean held-out loss, and PSOFT at the size whose parameter
+    count is nearest LoRA's best (its best learning rate there), where that size is not PSOFT's best already."""
+    records = json.loads(path.read_text())["runs"]
+    losses = {config: np.mean(values) for config, values in search.losses_of(records).items()}
+    trainable = {search.config_of(r): r["trainable"] for r in records.values()}
+    methods = dict.fromkeys(c.method for c in losses)
+    best = {m: min((c for c in losses if c.method == m), key=losses.get) for m in methods}
+
+    def row(key: str, config: search.Config, note: str = "") -> Row:
+        label = f"{search.LABELS[config.method]} {config.size_label}{note}"
+        return Row(key, config.method, label, (*config.size, "--learning_rate", f"{config.lr:g}"))
+
+    rows = [row(m, c) for m, c in best.items()]
+    if "lora" in best and "psoft" in best:
+        budget = trainable[best["lora"]]
+        matched = min((c for c in losses if c.method == "psoft"), key=lambda c: (abs(trainable[c] - budget), losses[c]))
+        if matched.size != best["psoft"].size:
+            rows.append(row("psoft-budget", matched, " (LoRA's parameter count)"))
+    return tuple(rows)
 
 
 def train(method: str, folder: Path, class_dir: Path, extra: list[str], threads: int | None = None) -> dict:
@@ -56,30 +97,32 @@ def run_folder(out: Path, subject: str, seed: int, method: str) -> Path:
     return out / subject / f"seed{seed}" / method
 
 
-def train_one(args, name: str, seed: int, method: str) -> dict:
-    run = run_folder(args.out, name, seed, method)
+def train_one(args, name: str, seed: int, row: Row) -> dict:
+    run = run_folder(args.out, name, seed, row.key)
     if args.reuse and (run / "metrics.json").is_file():
         return json.loads((run / "metrics.json").read_text())
     subject, folder = SUBJECTS[name], subject_folder(name, args.out / "subjects")
     extra = ["--instance_data_dir", str(folder / "train"), "--instance_prompt", subject.instance_prompt,
-             "--class_prompt", subject.class_prompt, "--seed", str(seed), *args.extra]
-    return train(method, run, args.out / name / "class_images", extra, threads=1 if args.jobs > 1 else None)
+             "--class_prompt", subject.class_prompt, "--seed", str(seed), *row.flags, *args.extra]
+    return train(row.method, run, args.out / name / "class_images", extra, threads=1 if args.jobs > 1 else None)
 
 
 def train_all(args) -> dict[tuple[str, int, str], dict]:
-    """Every (subject, seed, method) run, ``--jobs`` at a time (one thread each when more than one). Each subject's
-    seed-0 PSOFT run goes first, alone for its subject: it generates the class images the others share."""
+    """Every (subject, seed, row) run, ``--jobs`` at a time (one thread each when more than one), by row key. Each
+    subject's seed-0 run of the first row goes first, alone for its subject: it generates the class images the
+    others share."""
     from concurrent.futures import ThreadPoolExecutor
 
     for name in args.subjects:  # written once, before any run reads them
         subject_folder(name, args.out / "subjects")
-    first = [(name, min(args.seeds), RUNS[0][0]) for name in args.subjects]
-    rest = [(name, seed, method) for seed in sorted(args.seeds) for name in args.subjects for method, _ in RUNS
-            if (name, seed, method) not in first]
+    first = [(name, min(args.seeds), args.rows[0]) for name in args.subjects]
+    rest = [(name, seed, row) for seed in sorted(args.seeds) for name in args.subjects for row in args.rows
+            if (name, seed, row) not in first]
     trained = {}
     with ThreadPoolExecutor(args.jobs) as pool:
         for jobs in (first, rest):
-            trained.update(zip(jobs, pool.map(lambda job: train_one(args, *job), jobs), strict=True))
+            runs = pool.map(lambda job: train_one(args, *job), jobs)
+            trained.update({(name, seed, row.key): run for (name, seed, row), run in zip(jobs, runs, strict=True)})
     return trained
 
 
@@ -90,7 +133,7 @@ def score_subject(args, name: str) -> dict:
         "--num_samples", str(args.num_samples), "--heldout_dir", str(folder / "heldout"),
         "--instance_prompt", subject.instance_prompt, "--class_prompt", subject.class_prompt,
         "--class_word", subject.word])
-    keys = [(seed, method) for seed in sorted(args.seeds) for method, _ in RUNS]
+    keys = [(seed, row.key) for seed in sorted(args.seeds) for row in args.rows]
     results = evaluate_runs([run_folder(args.out, name, *key) for key in keys], margs)
     scores = {"base": results["base"]}
     scores.update({key: results[str(run_folder(args.out, name, *key))] for key in keys})
@@ -103,23 +146,27 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
-def summarise(scores: dict, trained: dict, seeds: list[int]) -> dict:
-    """``{subject or "all": {method: {metric: (mean, std)}}}``; "all" averages each seed's run over the subjects
-    first, so its spread is over seeds too."""
+def summarise(scores: dict, trained: dict, seeds: list[int], rows: tuple[Row, ...], search_subject: str | None
+              ) -> dict:
+    """``{group: {row key: {metric: (mean, std)}}}`` for each subject, "all" and, when the search subject is among
+    them, "unsearched" (the others); a group of several subjects averages each seed's run over them first, so its
+    spread is over seeds too."""
     subjects = list(scores)
     per_seed = {}  # (subject, method, seed) -> {metric: value}
     for name in subjects:
         for seed in seeds:
             per_seed[name, "base", seed] = {k: scores[name]["base"][k] for k in NUMBERS}
-            for method, _ in RUNS:
-                numbers = {k: scores[name][seed, method][k] for k in NUMBERS}
-                numbers.update({k: trained[name, seed, method][k] for k, _ in COSTS})
-                per_seed[name, method, seed] = numbers
+            for row in rows:
+                numbers = {k: scores[name][seed, row.key][k] for k in NUMBERS}
+                numbers.update({k: trained[name, seed, row.key][k] for k, _ in COSTS})
+                per_seed[name, row.key, seed] = numbers
+    groups = {name: [name] for name in subjects} | {"all": subjects}
+    if search_subject in subjects and len(subjects) > 1:
+        groups["unsearched"] = [name for name in subjects if name != search_subject]
     summary = {}
-    for group in [*subjects, "all"]:
-        members = subjects if group == "all" else [group]
+    for group, members in groups.items():
         summary[group] = {}
-        for method in ["base", *(m for m, _ in RUNS)]:
+        for method in ["base", *(row.key for row in rows)]:
             keys = list(per_seed[members[0], method, seeds[0]])
             summary[group][method] = {k: mean_std([np.mean([per_seed[s, method, seed][k] for s in members])
                                                    for seed in seeds]) for k in keys}
@@ -131,13 +178,14 @@ def cell(value: tuple[float, float], digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def table(rows: dict) -> str:
-    """One markdown table: a row per method (mean ± std over seeds), the costs without decimals."""
+def table(group: dict, rows: tuple[Row, ...]) -> str:
+    """One markdown table: a line per row (mean ± std over seeds), the costs without decimals."""
+    labels = {"base": "base model", **{row.key: row.label for row in rows}}
     head = ["method", *(label for _, label in COSTS), *(label for _, label in COLUMNS)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for method, numbers in rows.items():
+    for key, numbers in group.items():
         costs = [f"{numbers[k][0]:,.0f}" if k in numbers else "-" for k, _ in COSTS]
-        lines.append("| " + " | ".join([LABELS[method], *costs, *(cell(numbers[k]) for k, _ in COLUMNS)]) + " |")
+        lines.append("| " + " | ".join([labels[key], *costs, *(cell(numbers[k]) for k, _ in COLUMNS)]) + " |")
     return "\n".join(lines)
 
 
@@ -145,10 +193,11 @@ def upscale(grid: np.ndarray, factor: int) -> np.ndarray:
     return grid.repeat(factor, axis=0).repeat(factor, axis=1)
 
 
-def write_grids(doc: Path, name: str, scores: dict, seed: int, scratch: Path) -> tuple[str, str]:
+def write_grids(doc: Path, name: str, scores: dict, seed: int, scratch: Path, rows: tuple[Row, ...]
+                ) -> tuple[str, str]:
     """The seed-``seed`` sample grid and the training views of one subject, beside ``doc``; their file names."""
     to_hwc = lambda t: t.permute(0, 2, 3, 1).numpy()  # noqa: E731
-    order = [scores["base"], *(scores[seed, m] for m, _ in RUNS)]
+    order = [scores["base"], *(scores[seed, row.key] for row in rows)]
     grid = image_grid([to_hwc(s["instance_samples"]) for s in order] + [to_hwc(s["class_samples"]) for s in order])
     samples = doc.with_name(f"{doc.stem}_samples_{name}.png")
     save_png(upscale(grid, 3), samples)
@@ -172,21 +221,28 @@ def main(argv=None) -> dict:
     parser.add_argument("--reuse", action="store_true", help="skip runs whose metrics.json exists")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once, one thread each when more than one")
     parser.add_argument("--num_samples", type=int, default=8)
+    parser.add_argument("--search", type=Path, default=SEARCH,
+                        help="the search's record of runs to take each method's configuration from (default: "
+                        "docs/dreambooth_search.json); 'none': the trainer's defaults")
     parser.add_argument("extra", nargs="*", help="more train.dreambooth arguments (after --), for every run")
     args = parser.parse_args(argv)
     unknown = [s for s in args.subjects if s not in SUBJECTS]
     if unknown:
         parser.error(f"--subjects {unknown} unknown; choose from {', '.join(SUBJECTS)}")
 
+    searched = args.search.name != "none"
+    args.rows = searched_rows(args.search) if searched else DEFAULT_ROWS
+    args.search_subject = json.loads(args.search.read_text())["subject"] if searched else None
     trained = train_all(args)
     scores = {name: score_subject(args, name) for name in args.subjects}
-    summary = summarise(scores, trained, sorted(args.seeds))
+    summary = summarise(scores, trained, sorted(args.seeds), args.rows, args.search_subject)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "compare.json").write_text(json.dumps(summary, indent=1))
-    for group in [*args.subjects, "all"]:
-        print(f"\n{group}\n{table(summary[group])}")
+    (args.out / "compare.json").write_text(json.dumps(dict(summary, rows=[row.label for row in args.rows]), indent=1))
+    for group in summary:
+        if group != "runs":
+            print(f"\n{group}\n{table(summary[group], args.rows)}")
     if args.doc:
-        grids = {name: write_grids(args.doc, name, scores[name], min(args.seeds), args.out / "subjects")
+        grids = {name: write_grids(args.doc, name, scores[name], min(args.seeds), args.out / "subjects", args.rows)
                  for name in args.subjects}
         kept = args.doc.read_text().partition(PROSE)[2] if args.doc.is_file() else ""
         args.doc.write_text(document(args, summary, grids, trained, scores) + (kept or "\n\n(See below.)\n"))
@@ -202,17 +258,33 @@ def ship(run: Path) -> None:
         shutil.copyfile(lora, ASSETS / "dreambooth-psoft-lora.safetensors")
 
 
-def settings(trained: dict) -> str:
+def size_text(method: str, a: dict) -> str:
+    """A run's size, from its recorded arguments."""
+    if method == "psoft":
+        scalings = a.get("train_alpha") is not False or a.get("train_beta") is not False
+        return f"r={a['rank']}" + ("" if scalings else " without the scaling vectors")
+    return f"block size {a['block_size']}" if method == "oft" else f"r={a['lora_rank']} (alpha {a['lora_rank']})"
+
+
+def settings(trained: dict, rows: tuple[Row, ...], searched: bool) -> str:
     a = next(iter(trained.values()))["args"]
-    lr = {m: next(v for (_, _, method), v in trained.items() if method == m)["args"]["learning_rate"] for m, _ in RUNS}
+    run_args = {row.key: next(v for (_, _, key), v in trained.items() if key == row.key)["args"] for row in rows}
+    each = "; ".join(f"{row.label}{'' if row.flags else ' ' + size_text(row.method, run_args[row.key])} at lr "
+                     f"{run_args[row.key]['learning_rate']:g}" for row in rows)
+    source = ("each method at its lowest held-out loss in [the search](dreambooth_search.md)" if searched else
+              "the trainer's defaults")
     return (f"{a['max_train_steps']} steps, batch {a['train_batch_size']} instance + {a['train_batch_size']} class "
             f"images, prior loss weight {a['prior_loss_weight']}, {a['num_class_images']} class images per subject, "
             f"resolution {a['resolution']}, AdamW with {a['lr_warmup_steps']} warm-up steps and a "
-            f"{a.get('lr_scheduler', 'cosine')} schedule; PSOFT r={a['rank']} at lr {lr['psoft']:g}, OFTv2 block size "
-            f"{a['block_size']} at lr {lr['oft']:g}, LoRA r={a['lora_rank']} (alpha {a['lora_rank']}) at lr "
-            f"{lr['lora']:g} (each method's default: `learning_rates` of its `Method`, `BASELINE_LR` in "
-            "`train/dreambooth/cli.py` for LoRA; no search); all three on the layers of "
-            f"the `{a['targets']}` target preset (the UNet's attention, feed-forward and proj_in/proj_out)")
+            f"{a.get('lr_scheduler', 'cosine')} schedule; {source}: {each}; every row on the layers of the "
+            f"`{a['targets']}` target preset (the UNet's attention, feed-forward and proj_in/proj_out)")
+
+
+def searched_note(args) -> str:
+    if args.search_subject is None:
+        return ""
+    return (f" `{args.search_subject}` is the search subject: its held-out views chose the settings, so "
+            "\"unsearched\" averages the other subjects alone.")
 
 
 def document(args, summary: dict, grids: dict, trained: dict, scores: dict) -> str:
@@ -225,8 +297,8 @@ Base pipeline `assets/tiny-t2i` (a tiny Stable Diffusion pretrained by `train/of
 Fashion-MNIST, [model card](../assets/tiny-t2i/MODEL_CARD.md)); subjects from real images that ship offline
 (`train/dreambooth/subject.py` says where each comes from and why its class word): {", ".join(
         f'`{n}` as "{SUBJECTS[n].instance_prompt}" with prior preservation on "{SUBJECTS[n].class_prompt}"'
-        for n in args.subjects)}. Settings: {settings(trained)}. Training seeds {", ".join(map(str, seeds))}. CPU
-(2 cores), fp32.
+        for n in args.subjects)}. Settings: {settings(trained, args.rows, args.rows != DEFAULT_ROWS)}. Training seeds
+{", ".join(map(str, seeds))}. CPU (2 cores), fp32.{searched_note(args)}
 
 ```bash
 python -m train.dreambooth.compare --out runs/dreambooth-compare --doc docs/dreambooth_offline.md --jobs 2
@@ -238,18 +310,24 @@ and the peak resident memory of the training process (`VmHWM`), from each run's 
 
 ## All subjects (each seed's run averaged over the subjects first)
 
-{table(summary["all"])}
+{table(summary["all"], args.rows)}
 """]
+    if "unsearched" in summary:
+        parts.append(f"""## Unsearched subjects ({", ".join(n for n in args.subjects if n != args.search_subject)})
+
+{table(summary["unsearched"], args.rows)}
+""")
     for name in args.subjects:
         samples, subject = grids[name]
-        parts.append(f"""## {name}: "{SUBJECTS[name].instance_prompt}"
+        searched = " (the search subject)" if name == args.search_subject else ""
+        parts.append(f"""## {name}: "{SUBJECTS[name].instance_prompt}"{searched}
 
-{table(summary[name])}
+{table(summary[name], args.rows)}
 
 ![samples of {name}]({samples})
 
-Rows, top to bottom: "{SUBJECTS[name].instance_prompt}" for the base model, PSOFT, OFTv2 and LoRA (seed {seeds[0]}
-runs); then "{SUBJECTS[name].class_prompt}" in the same order. The training views:
+Rows, top to bottom: "{SUBJECTS[name].instance_prompt}" for the base model, {", ".join(row.label for row in args.rows)}
+(seed {seeds[0]} runs); then "{SUBJECTS[name].class_prompt}" in the same order. The training views:
 
 ![{name}]({subject})
 """)

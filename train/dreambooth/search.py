@@ -79,6 +79,21 @@ class Config:
         return ["--method", self.method, *self.size, "--learning_rate", f"{self.lr:.6g}"]
 
 
+def config_of(record: dict) -> Config:
+    """The configuration a run's record was made with."""
+    method = record["method"]
+    size = next(s for s in SIZES[method] if Config(method, s, 0.0).size_label == record["size"])
+    return Config(method, size, record["lr"])
+
+
+def losses_of(records: dict[str, dict]) -> dict[Config, list[float]]:
+    """Each configuration's held-out losses, one per seed, from the runs' records."""
+    losses: dict[Config, list[float]] = {}
+    for record in records.values():
+        losses.setdefault(config_of(record), []).append(record["heldout_loss"])
+    return losses
+
+
 def lr_grid(centre: float) -> list[float]:
     """Five learning rates half a decade apart around ``centre`` (centre / 10 to centre x 10)."""
     return [float(f"{centre * HALF_DECADE ** k:.3g}") for k in range(-2, 3)]
