@@ -11,7 +11,7 @@ under its pipeline prefix (``unet.`` / ``transformer.``, ``text_encoder.``, ``te
 from pathlib import Path
 
 import psoft_vision as pv
-from psoft_vision.diffusers import denoiser as find_denoiser
+from psoft_vision.model import denoiser as find_denoiser
 from psoft_vision.targets import select
 from psoft_vision.targets.structure import is_diffusers_model
 

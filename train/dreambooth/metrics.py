@@ -184,7 +184,7 @@ def load_adapted(pipeline_dir: Path, run_dir: Path | None):
         return pipe
     run_dir = Path(run_dir)
     if (run_dir / "adapter.safetensors").is_file():
-        from psoft_vision.diffusers import load_adapter_into_pipeline
+        from psoft_vision.formats.native import load_adapter_into_pipeline
 
         load_adapter_into_pipeline(pipe, run_dir / "adapter.safetensors")
     else:
