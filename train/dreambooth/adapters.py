@@ -158,7 +158,7 @@ def _kohya(pipe, family, path: Path, method) -> str:
     """The kohya-format LoRA where psoft_vision writes the family's layout; else why not."""
     if not family.kohya:
         return (f"not written: psoft_vision writes no kohya layout for {family.name} (diffusers reads kohya files "
-                "only for SD 1.x/2.x, SDXL and Flux.1; see psoft_vision/kohya.py)")
+                "only for SD 1.x/2.x, SDXL and Flux.1; see psoft_vision/formats/kohya_lora.py)")
     try:
         return str(pv.export_lora(pipe, path, format="kohya", full_deltas=not method.low_rank))
     except pv.LoRAExportError as error:
