@@ -28,7 +28,7 @@ from torch import nn
 
 from .errors import PSOFTVisionError
 from .formats.names import adapter_key, train_module_key
-from .formats.native import adapter_contents, write_file
+from .formats.native import adapter_contents, write_contents
 from .model import adapted_layers, one_adapter_name, plain_name, train_modules_of
 from .targets.structure import repeated_blocks, transformer_blocks
 
@@ -119,4 +119,4 @@ class AdapterSaver:
         if _rank() != 0:
             return None
         tensors = dict(self.constants, **{key: gathered[param] for key, param in self.sources.items()})
-        return write_file(Path(path), self.header, tensors)
+        return write_contents(Path(path), self.header, tensors)

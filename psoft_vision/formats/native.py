@@ -100,7 +100,7 @@ def adapter_contents(model: nn.Module, name: str | None = None, include_bases: b
     return header, tensors
 
 
-def write_file(path: Path, header: dict, tensors: dict[str, torch.Tensor]) -> Path:
+def write_contents(path: Path, header: dict, tensors: dict[str, torch.Tensor]) -> Path:
     """An adapter file of ``header`` and ``tensors`` at ``path``, written atomically."""
     tensors = {k: t.to("cpu").contiguous() for k, t in tensors.items()}
     write_safetensors(path, tensors, {"format": FORMAT, "psoft_vision": json.dumps(header)})
@@ -112,7 +112,7 @@ def write_adapter_file(model: nn.Module, path: str | os.PathLike, name: str | No
     """Write adapter ``name``'s file (:func:`psoft_vision.save_adapter` without a model card)."""
     header, tensors = adapter_contents(model, name, include_bases, anchors)
     _warn_non_finite(tensors, "saving")
-    return write_file(Path(path), header, tensors)
+    return write_contents(Path(path), header, tensors)
 
 
 def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:

@@ -11,6 +11,7 @@ under its pipeline prefix (``unet.`` / ``transformer.``, ``text_encoder.``, ``te
 from pathlib import Path
 
 import psoft_vision as pv
+from psoft_vision.formats.names import DIFFUSERS_WEIGHT_NAME
 from psoft_vision.model import denoiser as find_denoiser
 from psoft_vision.targets import select
 from psoft_vision.targets.structure import is_diffusers_model
@@ -20,7 +21,7 @@ from .errors import DreamBoothError
 from .ranks import layer_sizes, parse_pattern
 
 TEXT_ENCODER_TARGETS = "transformers"  # the preset of psoft_vision/targets for a transformers text encoder
-LORA_FILE = "pytorch_lora_weights.safetensors"
+LORA_FILE = DIFFUSERS_WEIGHT_NAME
 KOHYA_FILE = "kohya.safetensors"
 
 
