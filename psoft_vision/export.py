@@ -160,13 +160,12 @@ def export_lora(model, path: str | os.PathLike, format: str = "diffusers", name:
         return _export_file(parts, format, name, full_deltas, dtype, path)
 
 
-
 def __getattr__(name: str):
     """The names that moved to :mod:`psoft_vision.formats` and :mod:`psoft_vision.model` (the PEFT helpers:
     :mod:`~psoft_vision.formats.peft_adapter`), with a DeprecationWarning."""
     from .moved import moved_name
 
-    model, factors, names = "model", "formats.lora_factors", "formats.names"
-    return moved_name(__name__, name, "formats.peft_adapter", {
-        "holding": model, "train_modules_of": model, "denoiser": model, "floating_dtype": factors,
-        "lora_weights": factors, "DIFFUSERS_WEIGHT_NAME": names, "PEFT_WEIGHT_NAME": names, "PEFT_CONFIG_NAME": names})
+    places = {"holding": "model", "train_modules_of": "model", "denoiser": "model",
+              "floating_dtype": "formats.lora_factors", "lora_weights": "formats.lora_factors",
+              **dict.fromkeys(("DIFFUSERS_WEIGHT_NAME", "PEFT_WEIGHT_NAME", "PEFT_CONFIG_NAME"), "formats.names")}
+    return moved_name(__name__, name, "formats.peft_adapter", places)

@@ -19,7 +19,8 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from psoft_vision.errors import AdapterNameError, ConfigError, LoRAExportError, NotLowRankError
-from psoft_vision.export import export_lora, lora_weights
+from psoft_vision.export import export_lora
+from psoft_vision.formats.lora_factors import lora_weights
 from psoft_vision.formats.native import load_adapter_into_pipeline
 from psoft_vision.inject import inject
 from psoft_vision.lifecycle import activate, adapted_layers, merge, set_strength
