@@ -37,8 +37,9 @@ from PIL import Image
 
 import psoft_vision as pv
 from psoft_vision.card import AdapterSummary
-from psoft_vision.diffusers import denoiser, load_adapter_into_pipeline
+from psoft_vision.formats.native import load_adapter_into_pipeline
 from psoft_vision.hub import adapter_file, hub_errors, timm_hub_id
+from psoft_vision.model import denoiser
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_PIPELINE = ASSETS / "tiny-t2i"

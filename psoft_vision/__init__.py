@@ -18,6 +18,7 @@ from .errors import (
     MergeError,
     MissingExtraError,
     NotLowRankError,
+    OFTExportError,
     OutputPathError,
     PSOFTVisionError,
     TargetNotFoundError,
@@ -27,13 +28,13 @@ from .errors import (
 )
 from .export import export_lora
 from .export_oft import export_oft
+from .formats.native import load_adapter, read_adapter
 from .inject import inject, trainable_summary
-from .io import load_adapter, read_adapter, save_adapter
 from .layer import AdaptedLayer
 from .lifecycle import activate, disabled, merge, merge_and_unload, remove, set_strength, unmerge
 from .methods import OFTConfig, PSOFTConfig
 from .model import adapted_layers, adapter_names
-from .publish import push_to_hub
+from .publish import push_to_hub, save_adapter
 from .quantized import quantize_base
 from .registry import Method, get_method, register_method, registered_methods, unregister_method
 from .targets import PRESETS
@@ -61,6 +62,7 @@ __all__ = [
     "MissingExtraError",
     "NotLowRankError",
     "OFTConfig",
+    "OFTExportError",
     "OutputPathError",
     "PSOFTConfig",
     "PSOFTVisionError",
@@ -91,3 +93,13 @@ __all__ = [
     "unmerge",
     "unregister_method",
 ]
+
+
+def __getattr__(name: str):
+    """The modules that moved into :mod:`psoft_vision.formats` (``io``, ``diffusers``, ``kohya``, ``fingerprint``):
+    ``psoft_vision.io.load_adapter`` reaches their names still, each with a DeprecationWarning."""
+    if name in ("io", "diffusers", "kohya", "fingerprint"):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,6 +18,8 @@ from pathlib import Path
 from torch import nn
 
 from .files import atomic_write
+from .formats.names import ANCHOR_INFIX, TRAIN_MODULES_PREFIX, adapter_key
+from .formats.native import read_adapter
 
 CARD_NAME = "README.md"
 #: What each kind of file is, in the card's file table.
@@ -43,16 +45,15 @@ class AdapterSummary:
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "AdapterSummary":
-        from .io import read_adapter
         from .registry import get_method
 
         header, tensors = read_adapter(path)
-        bases = {f"{layer}.{basis}" for layer in header["layers"] for basis in ("A", "B")} \
+        bases = {adapter_key(layer, basis) for layer in header["layers"] for basis in ("A", "B")} \
             if header["include_bases"] else set()
-        module_shapes = {key.removeprefix("train_modules."): tuple(tensor.shape) for key, tensor in tensors.items()
-                         if key.startswith("train_modules.")}
+        module_shapes = {key.removeprefix(TRAIN_MODULES_PREFIX): tuple(tensor.shape)
+                         for key, tensor in tensors.items() if key.startswith(TRAIN_MODULES_PREFIX)}
         adapter_parameters = sum(tensor.numel() for key, tensor in tensors.items()
-                                 if not key.startswith("train_modules.") and ".anchor." not in key
+                                 if not key.startswith(TRAIN_MODULES_PREFIX) and ANCHOR_INFIX not in key
                                  and key not in bases)
         # "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q" -> "attn1.to_q": the kind of layer
         kinds = Counter(re.split(r"\.\d+\.", layer)[-1] for layer in header["layers"])
@@ -100,7 +101,7 @@ def _load_code(kind: str, file: str, library: str | None, repo: str, base: str, 
     if kind == "adapter" and library == "diffusers":
         role = name.removesuffix(".safetensors").removeprefix("adapter").lstrip("_")  # a text encoder's file
         imports, load = (("import psoft_vision as pv", f"pv.load_adapter(pipe.{role}, {where})") if role else
-                         ("from psoft_vision.diffusers import load_adapter_into_pipeline",
+                         ("from psoft_vision.formats.native import load_adapter_into_pipeline",
                           f"load_adapter_into_pipeline(pipe, {where})"))
         return (f"```python\nfrom diffusers import DiffusionPipeline\n\n{imports}\n\n"
                 f'pipe = DiffusionPipeline.from_pretrained("{base}")\n{load}\n```')

@@ -20,17 +20,16 @@ gathered tensors afterwards::
     saver.save(model, "adapter.safetensors")     # every rank calls it (a collective); rank 0 writes
 """
 
-import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import PSOFTVisionError
-from .files import atomic_write
-from .lifecycle import adapted_layers, one_adapter_name
+from .formats.names import adapter_key, train_module_key
+from .formats.native import adapter_contents, write_contents
+from .model import adapted_layers, one_adapter_name, plain_name, train_modules_of
 from .targets.structure import repeated_blocks, transformer_blocks
 
 
@@ -86,44 +85,32 @@ def _rank() -> int:
 
 class AdapterSaver:
     """Writes :func:`psoft_vision.save_adapter`'s files for a sharded model (see the module docstring). Made from the
-    whole model (before sharding), it keeps the file's metadata and its constant tensors (anchors), and maps each
+    whole model (before sharding), it keeps the file's header and its constant tensors (anchors), and maps each
     trained tensor of the file to the model parameter it comes from."""
 
     def __init__(self, model: nn.Module, name: str | None = None):
-        from safetensors import safe_open
-
-        from .io import save_adapter
-
         if any(is_sharded(p) for p in model.parameters()):
             raise ShardingError("AdapterSaver needs the whole model: make it before sharding.")
         self.name = one_adapter_name(model, name)
-        with tempfile.TemporaryDirectory() as folder:
-            path = save_adapter(model, Path(folder) / "template.safetensors", name=self.name)
-            with safe_open(path, "pt") as f:
-                self.metadata = f.metadata()
-                self.constants = {k: f.get_tensor(k) for k in f.keys()}
+        self.header, tensors = adapter_contents(model, self.name)
         self.sources = self._sources(model)
-        for key in self.sources:
-            self.constants.pop(key)
+        self.constants = {k: t.to("cpu", copy=True) for k, t in tensors.items() if k not in self.sources}
 
     def _sources(self, model: nn.Module) -> dict[str, str]:
-        """``{file key: parameter name}`` for the trained tensors: ``<layer>.<param>`` from the adapter's parameters,
-        ``train_modules.<module>.<param>`` from the config's modules."""
+        """``{file key: parameter name}`` for the trained tensors: the adapter's parameters and the weights of the
+        config's ``train_modules``."""
         sources = {}
         for layer_name, layer in adapted_layers(model):
             if self.name in layer.adapters:
                 for key, _ in layer.adapters[self.name].named_parameters():
-                    sources[f"{layer_name}.{key}"] = f"{layer_name}.adapters.{self.name}.{key}"
-        config = json.loads(self.metadata["psoft_vision"])["config"]
-        for module in config.get("train_modules") or ():
+                    sources[adapter_key(plain_name(layer_name), key)] = f"{layer_name}.adapters.{self.name}.{key}"
+        for module in train_modules_of(model, self.name):
             for key, _ in model.get_submodule(module).named_parameters():
-                sources[f"train_modules.{module}.{key}"] = f"{module}.{key}"
+                sources[train_module_key(module, key)] = f"{module}.{key}"
         return sources
 
     def save(self, model: nn.Module, path: str | os.PathLike) -> Path | None:
         """Gather the trained tensors (every rank), and write the file on rank 0; returns its path there."""
-        from safetensors.torch import save_file
-
         gathered = adapter_state_dict(model)
         missing = sorted(set(self.sources.values()) - set(gathered))
         if missing:
@@ -131,7 +118,5 @@ class AdapterSaver:
                                 "modified since the saver was made?")
         if _rank() != 0:
             return None
-        tensors = dict(self.constants, **{key: gathered[param].contiguous() for key, param in self.sources.items()})
-        path = Path(path)
-        atomic_write(path, lambda f: save_file(tensors, f, metadata=self.metadata))
-        return path
+        tensors = dict(self.constants, **{key: gathered[param] for key, param in self.sources.items()})
+        return write_contents(Path(path), self.header, tensors)

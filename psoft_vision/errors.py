@@ -52,6 +52,11 @@ class NotLowRankError(LoRAExportError):
     """The adapter's update is not low rank (OFTv2): only ``full_deltas=True`` can export it exactly."""
 
 
+class OFTExportError(LoRAExportError):
+    """An OFTv2 adapter cannot be written as PEFT's own OFT adapter (``export_oft``); the full-delta LoRA,
+    ``export_lora(..., full_deltas=True)``, remains exact. A LoRAExportError for the code that caught that before."""
+
+
 class MergeError(PSOFTVisionError, ValueError):
     """Adapters cannot be merged into these layers (quantized bases)."""
 

@@ -15,6 +15,7 @@ import stat
 from pathlib import Path
 
 from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 from .errors import OutputPathError
 
@@ -151,6 +152,11 @@ def atomic_write(path: Path, write) -> None:
     finally:
         with contextlib.suppress(OSError):  # a read-only file system refuses even to unlink what is not there
             temporary.unlink(missing_ok=True)
+
+
+def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
+    """``tensors`` and ``metadata`` as the safetensors file ``path``, written by :func:`atomic_write`."""
+    atomic_write(path, lambda f: save_file(tensors, f, metadata=metadata))
 
 
 def atomic_folder(path: Path, write) -> None:

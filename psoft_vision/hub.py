@@ -171,12 +171,6 @@ def upload_folder(folder: str | os.PathLike, repo_id: str, token: str | None = N
 def __getattr__(name: str):
     """``push_to_hub``, moved to :mod:`psoft_vision.publish` (it saves adapter files and model cards, which read
     hub names from here): still importable from here, with a DeprecationWarning."""
-    if name == "push_to_hub":
-        import warnings
+    from .moved import moved_name
 
-        from .publish import push_to_hub
-
-        warnings.warn("psoft_vision.hub.push_to_hub moved: use psoft_vision.push_to_hub (psoft_vision.publish).",
-                      DeprecationWarning, stacklevel=2)
-        return push_to_hub
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return moved_name(__name__, name, None, {"push_to_hub": "publish"})

@@ -104,10 +104,6 @@ def unmerged(model: nn.Module):
                 layer.merge(upto=layer.active[min(merged[name], len(layer.active)) - 1])
 
 
-#: unmerged's old name, which psoft_vision/io.py imports until the adapter-file modules move (issue 23, part 1).
-_unmerged = unmerged
-
-
 def set_strength(model: nn.Module, t: float, name: str | None = None) -> nn.Module:
     """Set the strength of adapter ``name`` (default: all): 0 is the base model exactly, 1 the trained adapter.
 

@@ -1,6 +1,8 @@
 """Queries on a whole model: its adapted layers and their names (as files name them, without wrappers), its
-adapter names, the model inside training wrappers, and where inject keeps the requires_grad flags it changed."""
+adapter names, the layers and train_modules of one adapter, the model inside training wrappers, a pipeline's
+denoiser, and where inject keeps the requires_grad flags it changed."""
 
+import warnings
 from collections.abc import Iterator, Sequence
 
 from torch import nn
@@ -83,3 +85,50 @@ def one_adapter_name(model: nn.Module, name: str | None) -> str:
         return names[0]
     check_names(model, [name])
     return name
+
+
+def holding(model: nn.Module, name: str) -> list[tuple[str, AdaptedLayer, nn.Module]]:
+    """``(layer name, layer, adapter)`` for every layer that holds adapter ``name``; warns (once each) when other
+    adapters are active on those layers or ``name`` is not active, since an export holds its update alone."""
+    found, stacked, inactive = [], [], []
+    for layer_name, layer in plainly_named_layers(model):
+        if name not in layer.adapters:
+            continue
+        found.append((layer_name, layer, layer.adapters[name]))
+        if name not in layer.active:
+            inactive.append(layer_name)
+        elif [n for n in layer.active if n != name]:
+            stacked.append(layer_name)
+    if stacked:
+        warnings.warn(
+            f"{len(stacked)} layers (first: {stacked[0]!r}) also have other active adapters; stacked adapters "
+            f"compose, and this export holds only adapter {name!r}'s own update, so it alone does not reproduce the "
+            "stacked model.", stacklevel=3,
+        )
+    if inactive:
+        warnings.warn(
+            f"adapter {name!r} is not active on {len(inactive)} layers (first: {inactive[0]!r}); its update is "
+            "exported anyway.", stacklevel=3,
+        )
+    return found
+
+
+def train_modules_of(model: nn.Module, name: str) -> list[str]:
+    """The ``train_modules`` of adapter ``name``'s config (they travel beside the adapter, not in it)."""
+    for _, layer in adapted_layers(model):
+        if name in layer.adapters:
+            return list(layer.adapters[name].config.train_modules)
+    return []
+
+
+def denoiser(pipe) -> tuple[nn.Module, str]:
+    """``(module, attribute)`` of a diffusers pipeline's denoiser: ``pipe.unet`` if it has one, else
+    ``pipe.transformer`` (inside its ``torch.compile`` or other wrapper)."""
+    for attribute in ("unet", "transformer"):
+        module = getattr(pipe, attribute, None)
+        if isinstance(module, nn.Module):
+            return unwrapped(module), attribute
+    raise TypeError(
+        f"{type(pipe).__name__} has neither a `unet` nor a `transformer` module; pass a torch.nn.Module, or a "
+        "diffusers pipeline with a unet or transformer."
+    )

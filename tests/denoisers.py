@@ -425,7 +425,7 @@ def expected_targets(spec: Denoiser, model: nn.Module) -> set[str]:
 # -------------------------------------------------------------------------------------------------- LoRA loaders
 def lora_loader(spec: Denoiser) -> str:
     """How a user reloads an exported LoRA: ``"pipeline"`` (``pipe.load_lora_weights``), ``"model"`` (the model's
-    ``load_lora_adapter``) or ``"peft"`` (:func:`psoft_vision.diffusers.load_peft_lora`), the first diffusers
+    ``load_lora_adapter``) or ``"peft"`` (:func:`psoft_vision.formats.peft_adapter.load_peft_lora`), the first diffusers
     offers for this model."""
     if spec.attribute in getattr(getattr(diffusers, spec.pipeline), "_lora_loadable_modules", ()):
         return "pipeline"
@@ -436,7 +436,7 @@ def lora_loader(spec: Denoiser) -> str:
 
 def loader_label(spec: Denoiser) -> str:
     return {"pipeline": f"`{spec.pipeline}.load_lora_weights`", "model": f"`{spec.cls.__name__}.load_lora_adapter`",
-            "peft": "`psoft_vision.diffusers.load_peft_lora` (PEFT format)"}[lora_loader(spec)]
+            "peft": "`psoft_vision.formats.peft_adapter.load_peft_lora` (PEFT format)"}[lora_loader(spec)]
 
 
 def tiny_pipeline(spec: Denoiser, model: nn.Module):
@@ -455,7 +455,7 @@ def tiny_pipeline(spec: Denoiser, model: nn.Module):
 def export_and_reload(spec: Denoiser, adapted: nn.Module, fresh: nn.Module, directory: Path,
                       full_deltas: bool) -> None:
     """Export ``adapted``'s adapter as a LoRA and load it onto ``fresh`` the way :func:`lora_loader` says."""
-    from psoft_vision.diffusers import load_peft_lora
+    from psoft_vision.formats.peft_adapter import load_peft_lora
 
     loader = lora_loader(spec)
     if loader == "peft":

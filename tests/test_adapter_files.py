@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import psoft_vision as pv
-import psoft_vision.io as adapter_io
+import psoft_vision.files
 from psoft_vision.testing import randomize_adapters
 
 
@@ -123,7 +123,7 @@ def test_write_is_atomic(trained, monkeypatch):
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(adapter_io, "save_file", broken)
+    monkeypatch.setattr(psoft_vision.files, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         pv.save_adapter(model, path)
     assert path.read_bytes() == before

@@ -13,8 +13,8 @@ from denoisers import DENOISERS, OFT, PSOFT, Denoiser, expected_targets, export_
 from helpers import rel_err
 
 import psoft_vision as pv
-from psoft_vision.diffusers import load_peft_lora
 from psoft_vision.errors import AdapterFileError, NotLowRankError, TargetNotFoundError, UnsupportedLayerError
+from psoft_vision.formats.peft_adapter import load_peft_lora
 from psoft_vision.targets import Preset
 from psoft_vision.testing import randomize_adapters
 

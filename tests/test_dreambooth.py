@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors import safe_open
 
 import psoft_vision as pv
-from psoft_vision.diffusers import load_adapter_into_pipeline
+from psoft_vision.formats.native import load_adapter_into_pipeline
 from psoft_vision.targets import PRESETS, select
 from train.dreambooth import metrics
 from train.dreambooth import trainer as dreambooth

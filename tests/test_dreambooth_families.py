@@ -317,7 +317,7 @@ def outputs(pipe, name: str, condition: dict) -> dict[str, torch.Tensor]:
     hidden state on fixed token ids: what an adapter changes, without sampling."""
     from types import SimpleNamespace
 
-    from psoft_vision.diffusers import denoiser
+    from psoft_vision.model import denoiser
 
     family = family_of_name(name)
     model, _ = denoiser(pipe)
@@ -354,7 +354,7 @@ def test_the_exported_loras_load_with_load_lora_weights_and_reproduce_the_adapte
     ours = load(pipe_dir)
     for file in adapter_files(out):  # adapter.safetensors -> the denoiser, adapter_<encoder> -> that encoder
         role = file.removeprefix("adapter").removeprefix("_").removesuffix(".safetensors")
-        from psoft_vision.diffusers import denoiser
+        from psoft_vision.model import denoiser
 
         pv.load_adapter(getattr(ours, role) if role else denoiser(ours)[0], out / file)
     expected = outputs(ours, name, condition)

@@ -18,12 +18,14 @@ from safetensors import safe_open
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from psoft_vision.diffusers import denoiser, load_adapter_into_pipeline
 from psoft_vision.errors import AdapterNameError, ConfigError, LoRAExportError, NotLowRankError
-from psoft_vision.export import export_lora, lora_weights
+from psoft_vision.export import export_lora
+from psoft_vision.formats.lora_factors import lora_weights
+from psoft_vision.formats.native import load_adapter_into_pipeline
 from psoft_vision.inject import inject
 from psoft_vision.lifecycle import activate, adapted_layers, merge, set_strength
 from psoft_vision.methods import OFTConfig, PSOFTConfig
+from psoft_vision.model import denoiser
 from psoft_vision.targets import PRESETS
 from psoft_vision.testing import randomize_adapters
 
@@ -368,7 +370,7 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path, monk
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("psoft_vision.export.save_file", fail)
+    monkeypatch.setattr("psoft_vision.files.save_file", fail)
     randomize_adapters(model, seed=5)
     with pytest.raises(OSError, match="disk full"):
         export_lora(model, file)
@@ -381,7 +383,7 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path, monk
 
 
 def test_load_adapter_into_pipeline_matches_the_saved_model(sd_dir, tmp_path):
-    from psoft_vision.io import save_adapter
+    from psoft_vision import save_adapter
 
     pipe = load_sd(sd_dir)
     adapt(pipe.unet, PSOFTConfig(targets="unet+conv", rank=4))

@@ -17,6 +17,7 @@ from torch import nn
 
 import psoft_vision as pv
 import psoft_vision.files
+from psoft_vision.formats import peft_adapter
 
 
 class Net(nn.Module):
@@ -183,7 +184,7 @@ def test_a_full_disk_is_named_and_keeps_the_old_file(tmp_path, monkeypatch):
         Path(filename).write_bytes(b"partial")
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(pv.io, "save_file", full)
+    monkeypatch.setattr(psoft_vision.files, "save_file", full)
     with pytest.raises(pv.OutputPathError, match="disk is full"):
         pv.save_adapter(model, path)
     assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
@@ -231,8 +232,8 @@ def test_a_folder_export_swaps_in_whole_and_keeps_other_files(tmp_path, monkeypa
         original(tensors, filename, metadata=metadata)
         raise KeyboardInterrupt
 
-    original = pv.export.save_file
-    monkeypatch.setattr(pv.export, "save_file", killed)
+    original = peft_adapter.save_file
+    monkeypatch.setattr(peft_adapter, "save_file", killed)
     with pytest.raises(KeyboardInterrupt):
         write()
     monkeypatch.undo()

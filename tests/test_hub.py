@@ -21,7 +21,7 @@ from huggingface_hub import ModelCard
 from PIL import Image
 
 import psoft_vision as pv
-from psoft_vision.diffusers import load_adapter_into_pipeline
+from psoft_vision.formats.native import load_adapter_into_pipeline
 from psoft_vision.testing import randomize_adapters
 from train.offline.pretrain_t2i import build_pipeline
 

@@ -9,6 +9,7 @@ import timm
 import torch
 
 import psoft_vision as pv
+from psoft_vision.formats.lora_factors import lora_weights
 from psoft_vision.testing import randomize_adapters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -122,12 +123,12 @@ def test_an_autocast_forward_leaves_fp32_results_and_merges_alone(method):
     pv.merge(reference)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         pv.merge(model)
-        factors = pv.export.lora_weights(model) if method == "psoft" else None
+        factors = lora_weights(model) if method == "psoft" else None
     assert all(torch.equal(a.base.weight, b.base.weight)
                for (_, a), (_, b) in zip(pv.adapted_layers(model), pv.adapted_layers(reference), strict=True))
     if factors is not None:
         assert all(up.dtype == torch.float32 for up, _ in factors.values())
-        torch.testing.assert_close(factors, pv.export.lora_weights(reference), rtol=0, atol=0)
+        torch.testing.assert_close(factors, lora_weights(reference), rtol=0, atol=0)
 
 
 def test_a_cast_model_does_not_reuse_a_cache_of_another_dtype():

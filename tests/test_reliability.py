@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import psoft_vision as pv
-from psoft_vision.fingerprint import fingerprint, mismatch
+from psoft_vision.formats.fingerprint import fingerprint, mismatch
 from psoft_vision.testing import randomize_adapters
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"

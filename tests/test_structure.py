@@ -3,6 +3,7 @@ functions too (a cycle that holds only because one import is deferred is still a
 another's private names."""
 
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
@@ -85,19 +86,13 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_walker_sees_function_local_imports_and_finds_a_cycle():
     graph = import_graph()
     assert "psoft_vision.model" in graph["psoft_vision.quantized"]  # quantize_base's adapted_layers check
-    assert "psoft_vision.io" in graph["psoft_vision.card"]  # imported inside AdapterSummary.read
+    assert "psoft_vision.registry" in graph["psoft_vision.card"]  # imported inside AdapterSummary.read
     assert "psoft_vision.targets" in graph["psoft_vision.config"]  # imported inside check_target_spec
     assert cycles({**graph, "psoft_vision.layer": graph["psoft_vision.layer"] | {"psoft_vision.lifecycle"}})
 
 
-#: The one cycle left: save_adapter(model_card=True) writes a card (io -> card) and a card reads the adapter file it
-#: describes (card -> io). It goes with the adapter file's own reader (issue 23, part 1: psoft_vision/formats/); this
-#: list must then be emptied, and the test fails until it is.
-KNOWN_CYCLES = [["psoft_vision.card", "psoft_vision.io"]]
-
-
 def test_the_package_has_no_import_cycle():
-    assert cycles(import_graph()) == KNOWN_CYCLES
+    assert cycles(import_graph()) == []
 
 
 def private_imports() -> list[tuple[str, str]]:
@@ -111,8 +106,7 @@ def private_imports() -> list[tuple[str, str]]:
 
 
 def test_no_module_imports_another_modules_private_names():
-    # io's is left to the move of the adapter-file modules (issue 23, part 1), which removes lifecycle's alias too.
-    assert private_imports() == [("psoft_vision.io", "_unmerged")]
+    assert private_imports() == []
 
 
 def test_names_that_moved_still_import_from_where_they_were():
@@ -127,3 +121,25 @@ def test_names_that_moved_still_import_from_where_they_were():
     assert adapted_layers is psoft_vision.adapted_layers and adapter_names is psoft_vision.adapter_names
     assert quantization_of is detect and callable(dequantized_weight) and callable(keep_training_layout)
     assert REQUIRES_GRAD == requires_grad and callable(one_adapter_name) and callable(unwrapped)
+
+
+def test_modules_that_moved_into_formats_still_import_from_where_they_were():
+    from psoft_vision.formats import fingerprint, kohya_lora, native, peft_adapter
+    from psoft_vision.formats.lora_factors import lora_weights
+
+    for old, name, new in [("io", "load_adapter", native.load_adapter), ("io", "read_adapter", native.read_adapter),
+                           ("io", "save_adapter", psoft_vision.save_adapter),
+                           ("diffusers", "load_adapter_into_pipeline", native.load_adapter_into_pipeline),
+                           ("diffusers", "load_peft_lora", peft_adapter.load_peft_lora),
+                           ("diffusers", "denoiser", psoft_vision.model.denoiser),
+                           ("kohya", "module_factors", kohya_lora.module_factors),
+                           ("fingerprint", "fingerprint", fingerprint.fingerprint),
+                           ("export", "lora_weights", lora_weights), ("export", "holding", psoft_vision.model.holding),
+                           ("export", "write_peft_directory", peft_adapter.write_peft_directory),
+                           ("export_oft", "PEFT_VERSION", peft_adapter.PEFT_VERSION)]:
+        module = importlib.import_module(f"psoft_vision.{old}")
+        with pytest.warns(DeprecationWarning, match=f"psoft_vision.{old}.{name} moved"):
+            assert getattr(module, name) is new
+    with pytest.raises(AttributeError):
+        psoft_vision.io.no_such_name  # noqa: B018  (an unknown name is still an AttributeError)
+    assert issubclass(psoft_vision.OFTExportError, psoft_vision.LoRAExportError)

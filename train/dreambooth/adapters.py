@@ -11,7 +11,8 @@ under its pipeline prefix (``unet.`` / ``transformer.``, ``text_encoder.``, ``te
 from pathlib import Path
 
 import psoft_vision as pv
-from psoft_vision.diffusers import denoiser as find_denoiser
+from psoft_vision.formats.names import DIFFUSERS_WEIGHT_NAME
+from psoft_vision.model import denoiser as find_denoiser
 from psoft_vision.targets import select
 from psoft_vision.targets.structure import is_diffusers_model
 
@@ -20,7 +21,7 @@ from .errors import DreamBoothError
 from .ranks import layer_sizes, parse_pattern
 
 TEXT_ENCODER_TARGETS = "transformers"  # the preset of psoft_vision/targets for a transformers text encoder
-LORA_FILE = "pytorch_lora_weights.safetensors"
+LORA_FILE = DIFFUSERS_WEIGHT_NAME
 KOHYA_FILE = "kohya.safetensors"
 
 
@@ -158,7 +159,7 @@ def _kohya(pipe, family, path: Path, method) -> str:
     """The kohya-format LoRA where psoft_vision writes the family's layout; else why not."""
     if not family.kohya:
         return (f"not written: psoft_vision writes no kohya layout for {family.name} (diffusers reads kohya files "
-                "only for SD 1.x/2.x, SDXL and Flux.1; see psoft_vision/kohya.py)")
+                "only for SD 1.x/2.x, SDXL and Flux.1; see psoft_vision/formats/kohya_lora.py)")
     try:
         return str(pv.export_lora(pipe, path, format="kohya", full_deltas=not method.low_rank))
     except pv.LoRAExportError as error:

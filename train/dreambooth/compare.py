@@ -252,8 +252,10 @@ def main(argv=None) -> dict:
 
 
 def ship(run: Path) -> None:
+    from psoft_vision.formats.names import DIFFUSERS_WEIGHT_NAME
+
     shutil.copyfile(run / "adapter.safetensors", ASSETS / "dreambooth-psoft.safetensors")
-    lora = run / "lora" / "pytorch_lora_weights.safetensors"
+    lora = run / "lora" / DIFFUSERS_WEIGHT_NAME
     if lora.stat().st_size < 2**20:
         shutil.copyfile(lora, ASSETS / "dreambooth-psoft-lora.safetensors")
 

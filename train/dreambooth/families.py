@@ -14,7 +14,7 @@ What differs between Stable Diffusion 1.x/2.x, SDXL, SD3/SD3.5, Flux and Sana is
 - ``text_encoders``: what ``--train_text_encoder`` adapts: the text encoders the pipeline's own
   ``load_lora_weights`` reads back (diffusers' rule: SD3's two CLIPs but not its T5, Flux's CLIP but not its T5);
 - ``kohya``: whether ``export_lora(format="kohya")`` writes the family (SD 1.x/2.x, SDXL, Flux; see
-  psoft_vision/kohya.py for why not SD3 or Sana).
+  psoft_vision/formats/kohya_lora.py for why not SD3 or Sana).
 """
 
 import inspect

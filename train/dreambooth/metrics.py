@@ -184,11 +184,13 @@ def load_adapted(pipeline_dir: Path, run_dir: Path | None):
         return pipe
     run_dir = Path(run_dir)
     if (run_dir / "adapter.safetensors").is_file():
-        from psoft_vision.diffusers import load_adapter_into_pipeline
+        from psoft_vision.formats.native import load_adapter_into_pipeline
 
         load_adapter_into_pipeline(pipe, run_dir / "adapter.safetensors")
     else:
-        pipe.load_lora_weights(run_dir / "lora", weight_name="pytorch_lora_weights.safetensors")
+        from psoft_vision.formats.names import DIFFUSERS_WEIGHT_NAME
+
+        pipe.load_lora_weights(run_dir / "lora", weight_name=DIFFUSERS_WEIGHT_NAME)
     return pipe
 
 

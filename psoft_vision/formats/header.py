@@ -15,9 +15,9 @@ from pathlib import Path
 
 from torch import nn
 
-from .errors import AdapterFileError, AdapterVersionError, KeyMismatchError
+from ..errors import AdapterFileError, AdapterVersionError, KeyMismatchError
+from ..layer import AdaptedLayer
 from .fingerprint import PROBES, VERSION
-from .layer import AdaptedLayer
 
 FORMAT = "psoft_vision.adapter"
 FORMAT_VERSION = 2  # 2: anchors, strength, fingerprint probes normalised by the norm
