@@ -18,7 +18,7 @@ from psoft_vision.targets.structure import is_diffusers_model
 
 from ..common.methods import build_config, registered, size_pattern_fields
 from .errors import DreamBoothError
-from .ranks import layer_sizes, parse_pattern
+from .ranks import layer_sizes, only_layers, parse_pattern
 
 TEXT_ENCODER_TARGETS = "transformers"  # the preset of psoft_vision/targets for a transformers text encoder
 LORA_FILE = DIFFUSERS_WEIGHT_NAME
@@ -38,8 +38,14 @@ def trained_models(pipe, family, args) -> dict:
     return models
 
 
-def targets_for(role: str, args) -> str:
-    return args.targets if role in ("unet", "transformer") else TEXT_ENCODER_TARGETS
+def targets_for(role: str, model, args) -> str | list[str]:
+    """The layers a model's adapters go on: the denoiser's --targets preset (only its --lora_layers, when given), a
+    text encoder's preset."""
+    if role not in ("unet", "transformer"):
+        return TEXT_ENCODER_TARGETS
+    if not args.lora_layers:
+        return args.targets
+    return only_layers(model, select(model, args.targets), args.lora_layers, "--lora_layers")
 
 
 def _sizes(models: dict, args) -> tuple[str | None, dict[str, dict[str, int]]]:
@@ -52,7 +58,7 @@ def _sizes(models: dict, args) -> tuple[str | None, dict[str, dict[str, int]]]:
         instead = f"use --{flag}" if flag else "it has no per-layer size"
         raise DreamBoothError(f"--{other} does not apply to --method {args.method}; {instead}.")
     pattern = parse_pattern(getattr(args, flag), f"--{flag}") if flag else {}
-    layers = {role: (model, select(model, targets_for(role, args))) for role, model in models.items()}
+    layers = {role: (model, select(model, targets_for(role, model, args))) for role, model in models.items()}
     return flag, layer_sizes(layers, pattern, f"--{flag}") if pattern else {role: {} for role in models}
 
 
@@ -61,7 +67,7 @@ def apply_method(models: dict, args) -> None:
     flag, sizes = _sizes(models, args)
     method = registered(args.method)
     for role, model in models.items():
-        targets = targets_for(role, args)
+        targets = targets_for(role, model, args)
         if method is None:
             _add_lora(model, targets, args, sizes[role])
             continue

@@ -52,7 +52,6 @@ UNSUPPORTED = {
     "--class_labels_conditioning": "no class-conditioned UNets",
     "--noise_offset": "not offered", "--snr_gamma": "not offered (flow matching: --weighting_scheme)",
     "--use_dora": "DoRA is not offered; --method psoft | oft | lora",
-    "--lora_layers": "targets are --targets (a preset)",
     "--lora_dropout": "not offered",
     "--do_fp8_training": "not offered",
     "--crops_coords_top_left_h": "SDXL time ids use each image's own centre crop",
@@ -118,6 +117,8 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantize", choices=tuple(pv.quantized.SCHEMES),
                    help="quantize the denoiser's linear layers before the adapters (QPSOFT / QOFT; with --method "
                         "lora, QLoRA): psoft_vision.quantize_base, bitsandbytes or torchao (the quant extra)")
+    g.add_argument("--lora_layers", help="only these of the denoiser's --targets layers, for every method: "
+                   "comma-separated types (attn, ff, proj) or ends of layer names (to_k,to_q,to_v,to_out.0)")
     g.add_argument("--targets", default="auto", choices=["auto", *sorted(pv.PRESETS)],
                    help="the denoiser's target preset (auto: the diffusers preset)")
     g.add_argument("--train_text_encoder", action="store_true",

@@ -1,4 +1,5 @@
-"""``--rank_pattern`` / ``--block_size_pattern``: a size per module type or per module, on top of ``--rank``.
+"""``--rank_pattern`` / ``--block_size_pattern``: a size per module type or per module, on top of ``--rank``; and
+``--lora_layers``: only some of the --targets layers, by type or name.
 
     --rank 16 --rank_pattern attn=32,ff=8               # attention projections r=32, feed-forward r=8, the rest 16
     --rank_pattern attn=32,attn2.to_k=4                 # a module-name suffix beats a type
@@ -16,6 +17,9 @@ Each ``KEY=SIZE`` is either a module type or a module name (exact, or a dotted s
 The trainer resolves the pattern on the layers it adapts into one size per layer name, the longest matching module
 name first and a type otherwise, and passes that to the config: what a file records is exactly what was trained. The
 PEFT LoRA baseline takes the same pattern as its ``rank_pattern`` (alpha equal to the rank).
+
+``--lora_layers attn`` (diffusers' flag, which takes ends of layer names such as ``to_k,to_q,to_v,to_out.0``) keeps
+the preset's layers of those types or names, for every method: an ablation by layer type is one flag.
 """
 
 from torch import nn
@@ -82,3 +86,18 @@ def layer_sizes(models: dict[str, tuple[nn.Module, list[str]]], pattern: dict[st
         raise DreamBoothError(f"{flag} keys {unused} set no adapted layer; use a type ({', '.join(TYPES)}) or the end "
                               f"of a layer name (e.g. {shown}).")
     return sizes
+
+
+def _matches(model: nn.Module, layer: str, key: str) -> bool:
+    return module_type(model, layer) == key if key in TYPES else layer == key or layer.endswith("." + key)
+
+
+def only_layers(model: nn.Module, layers: list[str], text: str, flag: str) -> list[str]:
+    """The ``layers`` that a key of ``text`` (comma-separated types or ends of layer names) picks; every key must
+    pick one."""
+    keys = [key.strip() for key in text.split(",") if key.strip()]
+    unused = [key for key in keys if not any(_matches(model, layer, key) for layer in layers)]
+    if not keys or unused:
+        raise DreamBoothError(f"{flag} {text!r}: {unused or 'nothing'} picks none of the {len(layers)} target layers; "
+                              f"give types ({', '.join(TYPES)}) or ends of layer names (e.g. {layers[0]}).")
+    return [layer for layer in layers if any(_matches(model, layer, key) for key in keys)]
