@@ -43,6 +43,22 @@ def test_vit(device):
     return _timm_classifier("test_vit", 2, 160, device)
 
 
+def _unet_training(model, batch: int, context_length: int, dtype=torch.float32):
+    """``(inputs, loss_fn)`` of a UNet's noise-prediction loss on fixed random latents, context and timesteps."""
+    config = model.config
+    latents = (batch, config.in_channels, config.sample_size, config.sample_size)
+    gen = torch.Generator().manual_seed(0)
+    sample = torch.randn(latents, generator=gen).to(model.device, dtype)
+    context = torch.randn(batch, context_length, config.cross_attention_dim, generator=gen).to(model.device, dtype)
+    timesteps = torch.randint(1000, (batch,), generator=gen).to(model.device)
+    noise = torch.randn(latents, generator=gen).to(model.device, dtype)
+
+    def loss_fn(model, x=sample):
+        return F.mse_loss(model(x, timesteps, encoder_hidden_states=context).sample.float(), noise.float())
+
+    return (sample,), loss_fn
+
+
 def unet_small(device):
     from diffusers import UNet2DConditionModel
 
@@ -52,18 +68,9 @@ def unet_small(device):
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8,
     ).to(device)
-    gen = torch.Generator().manual_seed(0)
-    sample = torch.randn(4, 4, 32, 32, generator=gen).to(device)
-    context = torch.randn(4, 77, 256, generator=gen).to(device)
-    timesteps = torch.randint(1000, (4,), generator=gen).to(device)
-    noise = torch.randn(4, 4, 32, 32, generator=gen).to(device)
-
-    def loss_fn(model, x=sample):
-        return F.mse_loss(model(x, timesteps, encoder_hidden_states=context).sample, noise)
-
     # Rank 16 is to these 64-256 channels about what 46 is to ViT-B's 768 (the adapter path costs r (in + out)).
-    return model, (sample,), loss_fn, dict(targets="unet", head=None, lora_rank=4,
-                                          sizes=dict(rank=16, block_size=32))
+    return model, *_unet_training(model, 4, 77), dict(targets="unet", head=None, lora_rank=4,
+                                                        sizes=dict(rank=16, block_size=32))
 
 
 def unet_sd15(device):
@@ -76,19 +83,27 @@ def unet_sd15(device):
         sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
         attention_head_dim=8,
     ).to(device, torch.bfloat16)
-    gen = torch.Generator().manual_seed(0)
-    sample = torch.randn(2, 4, 64, 64, generator=gen).to(device, torch.bfloat16)
-    context = torch.randn(2, 77, 768, generator=gen).to(device, torch.bfloat16)
-    timesteps = torch.randint(1000, (2,), generator=gen).to(device)
-    noise = torch.randn(2, 4, 64, 64, generator=gen).to(device, torch.bfloat16)
+    return model, *_unet_training(model, 2, 77, torch.bfloat16), dict(targets="unet", head=None, lora_rank=16,
+                                                                      sizes=dict(rank=32, block_size=32))
 
-    def loss_fn(model, x=sample):
-        return F.mse_loss(model(x, timesteps, encoder_hidden_states=context).sample.float(), noise.float())
 
-    return model, (sample,), loss_fn, dict(targets="unet", head=None, lora_rank=16,
-                                          sizes=dict(rank=32, block_size=32))
+def tiny_t2i(device, **sizes):
+    """The UNet of the shipped offline pipeline (assets/tiny-t2i) on a DreamBooth batch (4 instance + 4 class
+    latents), at the DreamBooth trainer's default sizes (its searched settings, docs/dreambooth_offline.md) or
+    ``sizes``: what each row of that comparison costs per step."""
+    from diffusers import UNet2DConditionModel
+
+    from train.common.paths import TINY_T2I
+    from train.dreambooth.cli import build_parser
+
+    defaults = build_parser().parse_args([])
+    model = UNet2DConditionModel.from_pretrained(TINY_T2I / "unet").to(device)
+    sizes = dict(rank=defaults.rank, block_size=defaults.block_size) | sizes
+    return model, *_unet_training(model, 8, 16), dict(targets="unet", head=None, lora_rank=defaults.lora_rank,
+                                                        sizes=sizes)
 
 
 WORKLOADS = {"vit-b16": vit_b16, "vit-b16-bf16": vit_b16_bf16, "vit-tiny-b1": vit_tiny_b1,
              "vit-tiny-b1-r46": lambda device: vit_tiny_b1(device, rank=46), "unet-small": unet_small,
-             "unet-sd15": unet_sd15, "test-vit": test_vit}
+             "unet-sd15": unet_sd15, "test-vit": test_vit, "tiny-t2i": tiny_t2i,
+             "tiny-t2i-r32": lambda device: tiny_t2i(device, rank=32)}

@@ -106,6 +106,19 @@ def test_exported_lora_loads_with_diffusers_and_matches_the_adapter(two_steps, p
     assert rel_err(unet_out(ours.unet), expected) <= TOL
 
 
+def test_diagnose_finds_psofts_change_inside_its_subspace_and_ofts_outside(two_steps, pipe_dir):
+    from train.dreambooth import diagnose
+
+    method, out, _ = two_steps
+    summary = diagnose.diagnose(out, rank=16, pipeline=str(pipe_dir))
+    assert set(summary) == {"attn", "ff", "proj"} and all(row["change"] > 0 for row in summary.values())
+    shares = [row["in_subspace"] for row in summary.values()]
+    if method == "psoft":  # PSOFT rotates within the top-r singular directions only: all its change is there
+        assert min(shares) > 1 - 1e-6 and all("alpha" in row and "beta" in row for row in summary.values())
+    else:
+        assert max(shares) < 0.9 and not any("alpha" in row for row in summary.values())
+
+
 def test_resume_continues_exactly_as_an_uninterrupted_run(pipe_dir, subject_dir, class_dir, tmp_path):
     args = ("--max_train_steps", 4, "--checkpointing_steps", 2, "--validation_steps", 4, "--lr_warmup_steps", 1)
     dreambooth.main(cli(pipe_dir, subject_dir, class_dir, tmp_path / "a", *args))
