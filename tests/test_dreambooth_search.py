@@ -110,3 +110,13 @@ def test_one_real_run_records_a_finite_heldout_loss(tmp_path):
     saved = json.loads((tmp_path / "runs" / "search.json").read_text())["runs"]
     assert saved == {"psoft-rank4-lr0.01/seed0": record}
     assert len(list((tmp_path / "runs").rglob("class/*.png"))) == 2  # the class images it generated, kept
+
+
+def test_ablations_vary_one_row_by_layer_type_and_cayley_neumann():
+    row = compare.Row("psoft", "psoft", "ours PSOFT r=32", ("--rank", "32", "--learning_rate", "0.01"))
+    rows = compare.ablation_rows(row)
+    assert rows[0] == row and [r.key for r in rows[1:]] == ["psoft-attn", "psoft-ff", "psoft-proj", "psoft-neumann"]
+    assert all(r.flags[:4] == row.flags and r.method == "psoft" for r in rows)
+    assert rows[1].flags[4:] == ("--lora_layers", "attn") and rows[4].flags[4:] == ("--neumann_terms", "4")
+    lora = compare.ablation_rows(compare.Row("lora", "lora", "PEFT LoRA r=4"))
+    assert [r.key for r in lora] == ["lora", "lora-attn", "lora-ff", "lora-proj"]  # no Cayley to approximate

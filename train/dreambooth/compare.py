@@ -58,6 +58,20 @@ class Row:
 DEFAULT_ROWS = (Row("psoft", "psoft", "ours PSOFT"), Row("oft", "oft", "ours OFTv2"), Row("lora", "lora", "PEFT LoRA"))
 
 
+#: Variants of one row, for --ablate: which layer types it adapts, and the Neumann series for the exact Cayley.
+ABLATIONS = {"attn": ("attention only", ("--lora_layers", "attn")),
+             "ff": ("feed-forward only", ("--lora_layers", "ff")),
+             "proj": ("proj_in/proj_out only", ("--lora_layers", "proj")),
+             "neumann": ("Cayley-Neumann, 4 terms", ("--neumann_terms", "4"))}
+
+
+def ablation_rows(row: Row) -> tuple[Row, ...]:
+    """``row`` and each of its :data:`ABLATIONS` (the Neumann one for our methods only)."""
+    variants = [Row(f"{row.key}-{key}", row.method, f"{row.label}, {label}", row.flags + flags)
+                for key, (label, flags) in ABLATIONS.items() if key != "neumann" or row.method != "lora"]
+    return (row, *variants)
+
+
 def searched_rows(path: Path) -> tuple[Row, ...]:
     """Each method of the search's record at its lowest mean held-out loss, and PSOFT at the size whose parameter
     count is nearest LoRA's best (its best learning rate there), where that size is not PSOFT's best already."""
@@ -221,6 +235,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--reuse", action="store_true", help="skip runs whose metrics.json exists")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once, one thread each when more than one")
     parser.add_argument("--num_samples", type=int, default=8)
+    parser.add_argument("--ablate", choices=[row.key for row in DEFAULT_ROWS],
+                        help="instead of the methods side by side: this one's row and its variants (attention, "
+                        "feed-forward or proj_in/out layers only; Cayley-Neumann)")
     parser.add_argument("--search", type=Path, default=SEARCH,
                         help="the search's record of runs to take each method's configuration from (default: "
                         "docs/dreambooth_search.json); 'none': the trainer's defaults")
@@ -232,6 +249,8 @@ def main(argv=None) -> dict:
 
     searched = args.search.name != "none"
     args.rows = searched_rows(args.search) if searched else DEFAULT_ROWS
+    if args.ablate:
+        args.rows = ablation_rows(next(row for row in args.rows if row.key == args.ablate))
     args.search_subject = json.loads(args.search.read_text())["subject"] if searched else None
     trained = train_all(args)
     scores = {name: score_subject(args, name) for name in args.subjects}
@@ -292,7 +311,8 @@ def searched_note(args) -> str:
 def document(args, summary: dict, grids: dict, trained: dict, scores: dict) -> str:
     seeds = sorted(args.seeds)
     margs = next(iter(scores.values()))["margs"]
-    parts = [f"""# DreamBooth offline: ours PSOFT, ours OFTv2 and PEFT LoRA on {len(args.subjects)} subjects x \
+    title = f"{args.rows[0].label}: ablations" if args.ablate else "ours PSOFT, ours OFTv2 and PEFT LoRA"
+    parts = [f"""# DreamBooth offline: {title} on {len(args.subjects)} subjects x \
 {len(seeds)} seeds
 
 Base pipeline `assets/tiny-t2i` (a tiny Stable Diffusion pretrained by `train/offline/pretrain_t2i.py` on
