@@ -90,6 +90,13 @@ def test_the_comparison_takes_each_methods_best_and_psoft_at_loras_budget_from_t
     # r=32 is nearest LoRA r=4's 48,640 parameters; its best learning rate there
     assert rows["psoft-budget"].flags == ("--rank", "32", "--learning_rate", "0.0316")
     assert rows["psoft"].label == "ours PSOFT r=16" and "LoRA's parameter count" in rows["psoft-budget"].label
+    assert "psoft-half" not in rows  # the best, r=16, has under half LoRA's count already
+    # when the best is the one at LoRA's count, the best of those with at most half of it joins instead
+    runs.append(record("psoft", "r=32", 0.1, 0.11, 47_040))
+    path.write_text(json.dumps({"subject": "coffee", "seeds": [0], "runs": {str(i): r for i, r in enumerate(runs)}}))
+    rows = {row.key: row for row in compare.searched_rows(path)}
+    assert rows["psoft"].flags == ("--rank", "32", "--learning_rate", "0.1") and "psoft-budget" not in rows
+    assert rows["psoft-half"].flags == ("--rank", "16", "--learning_rate", "0.1")
 
 
 def test_an_unknown_method_is_refused(tmp_path):

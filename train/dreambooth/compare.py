@@ -5,8 +5,8 @@ method at its searched best.
     python -m train.dreambooth.compare --subjects coffee --seeds 0 --ship    # the default run only, then ship it
 
 The rows come from the search's record (``--search``, written by ``python -m train.dreambooth.search``): each method
-at its lowest held-out loss, and PSOFT at the size whose parameter count is nearest LoRA's, where that is another
-size. Without a record, each method runs at the trainer's defaults (which are the searched values).
+at its lowest held-out loss, and PSOFT at LoRA's parameter count and at no more than half of it, where those are
+other sizes. Without a record, each method runs at the trainer's defaults (which are the searched values).
 
 Each run trains in its own process (``python -m train.dreambooth`` with the row's flags and the subject's prompts,
 so the PSOFT run on coffee with seed 0 is exactly the default run), which makes the peak resident memory its own.
@@ -73,8 +73,9 @@ def ablation_rows(row: Row) -> tuple[Row, ...]:
 
 
 def searched_rows(path: Path) -> tuple[Row, ...]:
-    """Each method of the search's record at its lowest mean held-out loss, and PSOFT at the size whose parameter
-    count is nearest LoRA's best (its best learning rate there), where that size is not PSOFT's best already."""
+    """Each method of the search's record at its lowest mean held-out loss; and PSOFT at the size whose parameter
+    count is nearest LoRA's best and at its best size with at most half LoRA's count (each at its best learning rate),
+    where those are other sizes."""
     records = json.loads(path.read_text())["runs"]
     losses = {config: np.mean(values) for config, values in search.losses_of(records).items()}
     trainable = {search.config_of(r): r["trainable"] for r in records.values()}
@@ -88,9 +89,15 @@ def searched_rows(path: Path) -> tuple[Row, ...]:
     rows = [row(m, c) for m, c in best.items()]
     if "lora" in best and "psoft" in best:
         budget = trainable[best["lora"]]
-        matched = min((c for c in losses if c.method == "psoft"), key=lambda c: (abs(trainable[c] - budget), losses[c]))
-        if matched.size != best["psoft"].size:
-            rows.append(row("psoft-budget", matched, " (LoRA's parameter count)"))
+        psoft = [c for c in losses if c.method == "psoft"]
+        matched = min(psoft, key=lambda c: (abs(trainable[c] - budget), losses[c]))
+        half = min((c for c in psoft if trainable[c] <= budget / 2), key=losses.get, default=None)
+        sizes = {best["psoft"].size}
+        for key, config, note in (("psoft-budget", matched, " (LoRA's parameter count)"),
+                                  ("psoft-half", half, " (at most half LoRA's parameters)")):
+            if config is not None and config.size not in sizes:
+                rows.append(row(key, config, note))
+                sizes.add(config.size)
     return tuple(rows)
 
 
