@@ -91,12 +91,16 @@ def test_the_comparison_takes_each_methods_best_and_psoft_at_loras_budget_from_t
     assert rows["psoft-budget"].flags == ("--rank", "32", "--learning_rate", "0.0316")
     assert rows["psoft"].label == "ours PSOFT r=16" and "LoRA's parameter count" in rows["psoft-budget"].label
     assert "psoft-half" not in rows  # the best, r=16, has under half LoRA's count already
-    # when the best is the one at LoRA's count, the best of those with at most half of it joins instead
-    runs.append(record("psoft", "r=32", 0.1, 0.11, 47_040))
+    # LoRA's best at r=16 has more parameters than PSOFT's: LoRA joins at the size nearest PSOFT's count (r=4), PSOFT
+    # at LoRA's count is its best already
+    runs += [record("psoft", "r=32", 0.1, 0.11, 47_040), record("lora", "r=16", 0.05, 0.10, 194_560)]
     path.write_text(json.dumps({"subject": "coffee", "seeds": [0], "runs": {str(i): r for i, r in enumerate(runs)}}))
     rows = {row.key: row for row in compare.searched_rows(path)}
-    assert rows["psoft"].flags == ("--rank", "32", "--learning_rate", "0.1") and "psoft-budget" not in rows
-    assert rows["psoft-half"].flags == ("--rank", "16", "--learning_rate", "0.1")
+    assert rows["psoft"].flags == ("--rank", "32", "--learning_rate", "0.1")
+    assert rows["lora"].flags == ("--lora_rank", "16", "--learning_rate", "0.05")
+    assert rows["lora-budget"].flags == ("--lora_rank", "4", "--learning_rate", "0.0158")
+    assert rows["lora-budget"].label == "PEFT LoRA r=4 (PSOFT's parameter count)"
+    assert set(rows) == {"psoft", "oft", "lora", "lora-budget"}  # PSOFT r=32 is under half LoRA r=16's count
 
 
 def test_an_unknown_method_is_refused(tmp_path):

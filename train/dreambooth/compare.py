@@ -5,8 +5,9 @@ method at its searched best.
     python -m train.dreambooth.compare --subjects coffee --seeds 0 --ship    # the default run only, then ship it
 
 The rows come from the search's record (``--search``, written by ``python -m train.dreambooth.search``): each method
-at its lowest held-out loss, and PSOFT at LoRA's parameter count and at no more than half of it, where those are
-other sizes. Without a record, each method runs at the trainer's defaults (which are the searched values).
+at its lowest held-out loss; PSOFT or LoRA at the other's parameter count, and PSOFT with no more than half LoRA's
+parameters, where those are other sizes. Without a record, each method runs at the trainer's defaults (the searched
+values).
 
 Each run trains in its own process (``python -m train.dreambooth`` with the row's flags and the subject's prompts,
 so the PSOFT run on coffee with seed 0 is exactly the default run), which makes the peak resident memory its own.
@@ -20,6 +21,7 @@ standard deviation over seeds per subject and over subjects (``--doc``; the hand
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -72,10 +74,30 @@ def ablation_rows(row: Row) -> tuple[Row, ...]:
     return (row, *variants)
 
 
+def budget_rows(best: dict, losses: dict, trainable: dict, row) -> list[Row]:
+    """PSOFT or LoRA at the size whose parameter count is nearest the other's best (whichever comes nearer, at its
+    best learning rate there), and PSOFT's best with at most half LoRA's count, where those are other sizes."""
+    mismatch = lambda c, target: abs(math.log(trainable[c] / target))  # noqa: E731
+    matched = []
+    for method, other in (("psoft", "lora"), ("lora", "psoft")):
+        target = trainable[best[other]]
+        config = min((c for c in losses if c.method == method), key=lambda c: (mismatch(c, target), losses[c]))
+        if config.size != best[method].size:
+            matched.append((mismatch(config, target), config, other))
+    rows, taken = [], {(c.method, c.size) for c in best.values()}
+    if matched:
+        _, config, other = min(matched, key=lambda m: m[0])
+        rows.append(row(f"{config.method}-budget", config, f" ({search.LABELS[other].split()[-1]}'s parameter count)"))
+        taken.add((config.method, config.size))
+    half = min((c for c in losses if c.method == "psoft" and trainable[c] <= trainable[best["lora"]] / 2),
+               key=losses.get, default=None)
+    if half is not None and ("psoft", half.size) not in taken:
+        rows.append(row("psoft-half", half, " (at most half LoRA's parameters)"))
+    return rows
+
+
 def searched_rows(path: Path) -> tuple[Row, ...]:
-    """Each method of the search's record at its lowest mean held-out loss; and PSOFT at the size whose parameter
-    count is nearest LoRA's best and at its best size with at most half LoRA's count (each at its best learning rate),
-    where those are other sizes."""
+    """Each method of the search's record at its lowest mean held-out loss, and the rows of :func:`budget_rows`."""
     records = json.loads(path.read_text())["runs"]
     losses = {config: np.mean(values) for config, values in search.losses_of(records).items()}
     trainable = {search.config_of(r): r["trainable"] for r in records.values()}
@@ -88,16 +110,7 @@ def searched_rows(path: Path) -> tuple[Row, ...]:
 
     rows = [row(m, c) for m, c in best.items()]
     if "lora" in best and "psoft" in best:
-        budget = trainable[best["lora"]]
-        psoft = [c for c in losses if c.method == "psoft"]
-        matched = min(psoft, key=lambda c: (abs(trainable[c] - budget), losses[c]))
-        half = min((c for c in psoft if trainable[c] <= budget / 2), key=losses.get, default=None)
-        sizes = {best["psoft"].size}
-        for key, config, note in (("psoft-budget", matched, " (LoRA's parameter count)"),
-                                  ("psoft-half", half, " (at most half LoRA's parameters)")):
-            if config is not None and config.size not in sizes:
-                rows.append(row(key, config, note))
-                sizes.add(config.size)
+        rows += budget_rows(best, losses, trainable, row)
     return tuple(rows)
 
 
