@@ -135,6 +135,7 @@ class OFTAdapter(Adapter):
         return f"block_size={self.block_size}, blocks={self.blocks}, neumann_terms={self.neumann_terms}"
 
 
+# "dreambooth": searched on the offline pipeline (train/dreambooth/search.py, docs/dreambooth_search.md).
 METHOD = Method("oft", OFTConfig, OFTAdapter, size_field="block_size", size_pattern_field="block_size_pattern",
                 identity={"q": 0.0}, learning_rates={"vtab": 5e-3, "dreambooth": 1e-2}, display_name="OFTv2",
                 summary="OFTv2: a block-diagonal rotation of each layer's input (Cayley-Neumann)")

@@ -368,6 +368,7 @@ class PSOFTAdapter(Adapter):
         return f"rank={self.rank}, chunks={self.chunks}, neumann_terms={self.neumann_terms}"
 
 
+# "dreambooth": searched on the offline pipeline (train/dreambooth/search.py, docs/dreambooth_search.md).
 METHOD = Method("psoft", PSOFTConfig, PSOFTAdapter, low_rank=True, size_field="rank", size_pattern_field="rank_pattern",
                 identity={"q": 0.0, "alpha": 1.0, "beta": 1.0}, learning_rates={"vtab": 2e-2, "dreambooth": 1e-2},
                 display_name="PSOFT",

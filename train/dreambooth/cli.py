@@ -19,9 +19,10 @@ DEFAULT_PIPELINE = TINY_T2I
 DEFAULT_SUBJECT = SUBJECT_DIR / "train"
 #: The trainer's own methods beside every registered one (see train/common/methods.py).
 BASELINES = ("lora",)
-#: The learning rate of each baseline (one DreamBooth run, not searched); a registered method's is its
-#: ``learning_rates["dreambooth"]`` (psoft_vision's Method).
-BASELINE_LR = {"lora": 5e-3}
+#: The learning rate of each baseline; a registered method's is its ``learning_rates["dreambooth"]`` (psoft_vision's
+#: Method). These, and the default sizes below (--rank, --block_size, --lora_rank), are the best of the search on the
+#: offline pipeline: train/dreambooth/search.py, docs/dreambooth_search.md.
+BASELINE_LR = {"lora": 1.58e-2}
 #: The learning rate of a registered method that names none for DreamBooth: what ours were trained with.
 FALLBACK_LR = 1e-2
 
@@ -108,12 +109,12 @@ def _method_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("method")
     g.add_argument("--method", default="psoft", help=f"one of {', '.join(method_choices(BASELINES))} (lora: PEFT, "
                    "diffusers' way)")
-    g.add_argument("--rank", type=int, default=16, help="PSOFT rank r")
+    g.add_argument("--rank", type=int, default=32, help="PSOFT rank r")
     g.add_argument("--rank_pattern", help="ranks per module type or module, e.g. attn=32,ff=8 (types: attn, ff, "
                    "proj; or a module name or dotted suffix): PSOFT's rank, or LoRA's with --method lora")
-    g.add_argument("--block_size", type=int, default=8, help="OFTv2 block size")
+    g.add_argument("--block_size", type=int, default=16, help="OFTv2 block size")
     g.add_argument("--block_size_pattern", help="OFTv2 block sizes per module type or module, as --rank_pattern")
-    g.add_argument("--lora_rank", type=int, default=4, help="PEFT LoRA rank (alpha = rank)")
+    g.add_argument("--lora_rank", type=int, default=16, help="PEFT LoRA rank (alpha = rank)")
     g.add_argument("--quantize", choices=tuple(pv.quantized.SCHEMES),
                    help="quantize the denoiser's linear layers before the adapters (QPSOFT / QOFT; with --method "
                         "lora, QLoRA): psoft_vision.quantize_base, bitsandbytes or torchao (the quant extra)")
