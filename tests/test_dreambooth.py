@@ -110,7 +110,8 @@ def test_diagnose_finds_psofts_change_inside_its_subspace_and_ofts_outside(two_s
     from train.dreambooth import diagnose
 
     method, out, _ = two_steps
-    summary = diagnose.diagnose(out, rank=16, pipeline=str(pipe_dir))
+    rank = json.loads((out / "metrics.json").read_text())["args"]["rank"] if method == "psoft" else 8
+    summary = diagnose.diagnose(out, rank=rank, pipeline=str(pipe_dir))
     assert set(summary) == {"attn", "ff", "proj"} and all(row["change"] > 0 for row in summary.values())
     shares = [row["in_subspace"] for row in summary.values()]
     if method == "psoft":  # PSOFT rotates within the top-r singular directions only: all its change is there

@@ -3,7 +3,7 @@ does: how far each moved its weights, how much of that change lies in each weigh
 that PSOFT's rotation can reach), the spectrum (the weight's energy in its top r directions) and, for PSOFT, the
 trained scaling vectors' ranges.
 
-    python -m train.dreambooth.diagnose RUN_DIR [RUN_DIR ...] --rank 16
+    python -m train.dreambooth.diagnose RUN_DIR [RUN_DIR ...] [--rank 16]
 
 Each run is a ``python -m train.dreambooth`` output folder (ours: ``adapter.safetensors``; PEFT LoRA: ``lora/``).
 Its adapted weights are formed by merging (ours) or fusing (LoRA) and compared with the base pipeline's.
@@ -98,9 +98,10 @@ def diagnose(run: Path, rank: int, pipeline: str) -> dict:
     return summary
 
 
-def table(results: dict[str, dict], rank: int) -> str:
-    lines = [f"| run | type | layers | relative change of W | share of the change in the top-{rank} subspace | "
-             f"energy of the top {rank} | alpha range | beta range |", "|---|---|--:|--:|--:|--:|---|---|"]
+def table(results: dict[str, dict], rank: int | None) -> str:
+    r = rank or "r"
+    lines = [f"| run | type | layers | relative change of W | share of the change in the top-{r} subspace | "
+             f"energy of the top {r} | alpha range | beta range |", "|---|---|--:|--:|--:|--:|---|---|"]
     for run, summary in results.items():
         for kind, row in summary.items():
             ranges = [f"{row[p][0]:.3f} to {row[p][1]:.3f}" if p in row else "-" for p in ("alpha", "beta")]
@@ -113,12 +114,13 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m train.dreambooth.diagnose", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path)
-    parser.add_argument("--rank", type=int, default=16, help="the subspace rank to measure against")
+    parser.add_argument("--rank", type=int, help="the subspace rank to measure against (default: each run's --rank, "
+                        "the PSOFT rank it trained with or would have)")
     args = parser.parse_args(argv)
     results = {}
     for run in args.runs:
-        pipeline = json.loads((run / "metrics.json").read_text())["args"]["pretrained_model_name_or_path"]
-        results[str(run)] = diagnose(run, args.rank, pipeline)
+        run_args = json.loads((run / "metrics.json").read_text())["args"]
+        results[str(run)] = diagnose(run, args.rank or run_args["rank"], run_args["pretrained_model_name_or_path"])
     print(table(results, args.rank))
     return results
 

@@ -234,7 +234,8 @@ def document(search: Search, stages: dict[str, dict[Config, float]]) -> str:
 
 
 def plot(search: Search, stages: dict[str, dict[Config, float]], path: Path) -> None:
-    """Held-out loss against learning rate, a line per method and size (mean over seeds, bars: std)."""
+    """Held-out loss against learning rate, a panel per method and a line per size (mean over seeds, bars: std);
+    the y range is the useful one, and a diverged run is an arrow at the top with its loss."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -243,15 +244,26 @@ def plot(search: Search, stages: dict[str, dict[Config, float]], path: Path) -> 
     scored: dict[Config, float] = {}
     for stage in stages.values():
         scored.update(stage)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, size in dict.fromkeys((c.method, c.size) for c in scored):
-        points = sorted((c for c in scored if (c.method, c.size) == (method, size)), key=lambda c: c.lr)
-        label = f"{LABELS[method]} {points[0].size_label}"
-        ax.errorbar([c.lr for c in points], [scored[c] for c in points], yerr=[spread(search, c) for c in points],
-                    marker="o", capsize=3, label=label)
-    ax.set(xscale="log", xlabel="learning rate", ylabel="held-out loss (mean over seeds)",
-           title=f"DreamBooth search on {search.args.subject}")
-    ax.legend(fontsize=7)
+    methods = list(dict.fromkeys(c.method for c in scored))
+    low = min(scored.values())
+    top = min(max(scored.values()), low * 1.4) * 1.02
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 4), sharey=True, squeeze=False)
+    for ax, method in zip(axes[0], methods, strict=True):
+        for size in dict.fromkeys(c.size for c in scored if c.method == method):
+            points = sorted((c for c in scored if (c.method, c.size) == (method, size)), key=lambda c: c.lr)
+            shown = [c for c in points if scored[c] <= top]
+            line = ax.errorbar([c.lr for c in shown], [scored[c] for c in shown],
+                               yerr=[spread(search, c) for c in shown], marker="o", capsize=3,
+                               label=points[0].size_label)
+            for c in points:
+                if scored[c] > top:
+                    ax.plot(c.lr, top * 0.985, marker="^", color=line[0].get_color())
+                    ax.annotate(f"{scored[c]:.2f}", (c.lr, top * 0.985), textcoords="offset points", xytext=(-8, -14),
+                                fontsize=7)
+        ax.set(xscale="log", xlabel="learning rate", title=LABELS[method], ylim=(low * 0.97, top))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel(f"held-out loss on {search.args.subject} (mean of {len(search.args.seeds)} seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
