@@ -87,10 +87,10 @@ def unet_sd15(device):
                                                                       sizes=dict(rank=32, block_size=32))
 
 
-def tiny_t2i(device, **sizes):
+def tiny_t2i(device):
     """The UNet of the shipped offline pipeline (assets/tiny-t2i) on a DreamBooth batch (4 instance + 4 class
-    latents), at the DreamBooth trainer's default sizes (its searched settings, docs/dreambooth_offline.md) or
-    ``sizes``: what each row of that comparison costs per step."""
+    latents), at the DreamBooth trainer's default sizes (its searched settings, docs/dreambooth_offline.md): what
+    each method costs per step there."""
     from diffusers import UNet2DConditionModel
 
     from train.common.paths import TINY_T2I
@@ -98,12 +98,11 @@ def tiny_t2i(device, **sizes):
 
     defaults = build_parser().parse_args([])
     model = UNet2DConditionModel.from_pretrained(TINY_T2I / "unet").to(device)
-    sizes = dict(rank=defaults.rank, block_size=defaults.block_size) | sizes
+    sizes = dict(rank=defaults.rank, block_size=defaults.block_size)
     return model, *_unet_training(model, 8, 16), dict(targets="unet", head=None, lora_rank=defaults.lora_rank,
                                                         sizes=sizes)
 
 
 WORKLOADS = {"vit-b16": vit_b16, "vit-b16-bf16": vit_b16_bf16, "vit-tiny-b1": vit_tiny_b1,
              "vit-tiny-b1-r46": lambda device: vit_tiny_b1(device, rank=46), "unet-small": unet_small,
-             "unet-sd15": unet_sd15, "test-vit": test_vit, "tiny-t2i": tiny_t2i,
-             "tiny-t2i-r32": lambda device: tiny_t2i(device, rank=32)}
+             "unet-sd15": unet_sd15, "test-vit": test_vit, "tiny-t2i": tiny_t2i}
