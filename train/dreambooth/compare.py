@@ -101,7 +101,7 @@ def searched_rows(path: Path) -> tuple[Row, ...]:
     records = json.loads(path.read_text())["runs"]
     losses = {config: np.mean(values) for config, values in search.losses_of(records).items()}
     trainable = {search.config_of(r): r["trainable"] for r in records.values()}
-    methods = dict.fromkeys(c.method for c in losses)
+    methods = sorted({c.method for c in losses}, key=list(search.CENTRES).index)  # ours first, as the search
     best = {m: min((c for c in losses if c.method == m), key=losses.get) for m in methods}
 
     def row(key: str, config: search.Config, note: str = "") -> Row:
