@@ -28,7 +28,8 @@ from .errors import (
 )
 from .export import export_lora
 from .export_oft import export_oft
-from .formats.native import load_adapter, read_adapter
+from .formats.native import load_adapter, load_adapter_into_pipeline, read_adapter
+from .formats.peft_adapter import load_peft_lora
 from .inject import inject, trainable_summary
 from .layer import AdaptedLayer
 from .lifecycle import activate, disabled, merge, merge_and_unload, remove, set_strength, unmerge
@@ -79,6 +80,8 @@ __all__ = [
     "get_method",
     "inject",
     "load_adapter",
+    "load_adapter_into_pipeline",
+    "load_peft_lora",
     "merge",
     "merge_and_unload",
     "push_to_hub",

@@ -100,10 +100,8 @@ def _load_code(kind: str, file: str, library: str | None, repo: str, base: str, 
     where = f'"{repo}", weight_name="{file}"'
     if kind == "adapter" and library == "diffusers":
         role = name.removesuffix(".safetensors").removeprefix("adapter").lstrip("_")  # a text encoder's file
-        imports, load = (("import psoft_vision as pv", f"pv.load_adapter(pipe.{role}, {where})") if role else
-                         ("from psoft_vision.formats.native import load_adapter_into_pipeline",
-                          f"load_adapter_into_pipeline(pipe, {where})"))
-        return (f"```python\nfrom diffusers import DiffusionPipeline\n\n{imports}\n\n"
+        load = f"pv.load_adapter(pipe.{role}, {where})" if role else f"pv.load_adapter_into_pipeline(pipe, {where})"
+        return ("```python\nfrom diffusers import DiffusionPipeline\n\nimport psoft_vision as pv\n\n"
                 f'pipe = DiffusionPipeline.from_pretrained("{base}")\n{load}\n```')
     if kind == "adapter":
         create = (f'model = timm.create_model("{base}", pretrained=True, num_classes={num_classes})\n'
