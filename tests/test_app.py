@@ -107,7 +107,7 @@ def test_adapter_panels_describe_the_loaded_files(generation, classification):
     unet_adapter = sum(p.numel() for _, layer in pv.adapted_layers(generation.adapter.model)
                        for p in layer.adapters[generation.adapter.name].parameters())
     card = generation.adapter.markdown()
-    assert "| adapter file | `dreambooth-psoft.safetensors` |" in card and "| method | PSOFT, rank 16 |" in card
+    assert "| adapter file | `dreambooth-psoft.safetensors` |" in card and "| method | PSOFT, rank 32 |" in card
     assert f"| trainable parameters | {unet_adapter:,} |" in card
     assert f"{len(list(pv.adapted_layers(generation.adapter.model)))} layers: " in card and "`attn1.to_q` x7" in card
     assert f"{app.DEFAULT_ADAPTER.stat().st_size / 1024:.0f} KiB" in card
@@ -132,7 +132,7 @@ def test_exported_lora_reproduces_the_adapter_at_the_chosen_strength_in_diffuser
         randomize_adapters(unet, std=0.2)
         adapter = pv.save_adapter(unet, tmp_path / "oft.safetensors")
     assert "Could not" not in generation.load_adapter(adapter)
-    assert ("OFTv2, block size 8" if method == "oft" else "PSOFT, rank 16") in generation.adapter.markdown()
+    assert ("OFTv2, block size 8" if method == "oft" else "PSOFT, rank 32") in generation.adapter.markdown()
 
     path = generation.export_lora(0.5)
     assert path.name == f"{adapter.stem}-lora-strength0.5.safetensors"

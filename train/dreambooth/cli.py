@@ -21,7 +21,8 @@ DEFAULT_SUBJECT = SUBJECT_DIR / "train"
 BASELINES = ("lora",)
 #: The learning rate of each baseline; a registered method's is its ``learning_rates["dreambooth"]`` (psoft_vision's
 #: Method). These, and the default sizes below (--rank, --block_size, --lora_rank), are the best of the search on the
-#: offline pipeline: train/dreambooth/search.py, docs/dreambooth_search.md.
+#: offline pipeline (train/dreambooth/search.py, docs/dreambooth_search.md), but for LoRA's rank: r=16 searched a
+#: little better than r=4 at this rate and diverged in 1 of the comparison's 9 runs (docs/dreambooth_offline.md).
 BASELINE_LR = {"lora": 1.58e-2}
 #: The learning rate of a registered method that names none for DreamBooth: what ours were trained with.
 FALLBACK_LR = 1e-2
@@ -114,7 +115,7 @@ def _method_args(p: argparse.ArgumentParser) -> None:
                    "proj; or a module name or dotted suffix): PSOFT's rank, or LoRA's with --method lora")
     g.add_argument("--block_size", type=int, default=16, help="OFTv2 block size")
     g.add_argument("--block_size_pattern", help="OFTv2 block sizes per module type or module, as --rank_pattern")
-    g.add_argument("--lora_rank", type=int, default=16, help="PEFT LoRA rank (alpha = rank)")
+    g.add_argument("--lora_rank", type=int, default=4, help="PEFT LoRA rank (alpha = rank)")
     g.add_argument("--quantize", choices=tuple(pv.quantized.SCHEMES),
                    help="quantize the denoiser's linear layers before the adapters (QPSOFT / QOFT; with --method "
                         "lora, QLoRA): psoft_vision.quantize_base, bitsandbytes or torchao (the quant extra)")
