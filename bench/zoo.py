@@ -415,6 +415,11 @@ def check_fx(built: Built, model: nn.Module, numbers: dict) -> str:
     try:
         traced_out, traced_grads = _adapter_grads(traced, built.x)
     except Exception as error:  # noqa: BLE001 - a traced module that cannot run is this check's result
+        try:
+            with torch.no_grad():
+                fx_traced(built.fresh())(built.x)
+        except Exception as plain:  # noqa: BLE001 - timm's own limit (hiera traces its optional mask as an input)
+            return f"n/a: timm's traced plain model does not run either ({type(plain).__name__})"
         return f"the traced model does not run: {type(error).__name__}: {str(error)[:200]}"
     if traced_grads.keys() != grads.keys():
         return f"{len(grads)} parameters get a gradient eagerly, {len(traced_grads)} traced"
