@@ -33,10 +33,10 @@ def weights(unet: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
     return {name: matrix(unet.get_submodule(name).weight) for name in names}
 
 
-def adapted_weights(run: Path, pipeline: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
-    """``(base weights, adapted weights, {layer: {"alpha": ..., "beta": ...}})`` of the layers the run adapted; the
-    scaling vectors are PSOFT's (none for other methods)."""
-    base = load_adapted(pipeline, None).unet
+def adapted_weights(run: Path, pipeline: str, base: nn.Module
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """``(base weights, adapted weights, {layer: {"alpha": ..., "beta": ...}})`` of the layers the run adapted, ``base``
+    being the pipeline's UNet; the scaling vectors are PSOFT's (none for other methods)."""
     pipe = load_adapted(pipeline, run)
     unet = pipe.unet
     if (run / "adapter.safetensors").is_file():
@@ -47,8 +47,7 @@ def adapted_weights(run: Path, pipeline: str) -> tuple[dict[str, torch.Tensor], 
         pv.merge(unet)
         names = list(layers)
     else:
-        names = sorted({k.split(".lora_A")[0].removesuffix(".base_layer") for k, _ in unet.named_parameters()
-                        if ".lora_A." in k})
+        names = sorted({k.split(".lora_A")[0] for k, _ in unet.named_parameters() if ".lora_A." in k})
         scalings = {}
         pipe.fuse_lora()
     adapted = {}
@@ -73,8 +72,8 @@ def energy(base: torch.Tensor, rank: int) -> float:
 def diagnose(run: Path, rank: int, pipeline: str) -> dict:
     """Per layer type: layers, mean relative weight change, mean share of the change inside the top-``rank``
     subspace, mean energy of the top-``rank`` directions, and (PSOFT) the scaling vectors' range."""
-    base, adapted, scalings = adapted_weights(run, pipeline)
     unet = load_adapted(pipeline, None).unet
+    base, adapted, scalings = adapted_weights(run, pipeline, unet)
     rows = defaultdict(lambda: defaultdict(list))
     for name, weight in base.items():
         kind = module_type(unet, name)

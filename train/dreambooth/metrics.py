@@ -172,6 +172,13 @@ def noise_predictions(pipe, latents: torch.Tensor, prompt: str, draws: int = 8, 
     return prediction, training_target(scheduler, x0, noise, timesteps, scheduler.config.prediction_type)
 
 
+def heldout_loss(pipe, heldout: torch.Tensor, prompt: str) -> float:
+    """The noise-prediction MSE of the pipeline's UNet on the held-out views (images in [-1, 1]) under ``prompt``,
+    on fixed noise and timesteps."""
+    prediction, target = noise_predictions(pipe, encode_images(pipe.vae, heldout, flip=False)[0], prompt)
+    return F.mse_loss(prediction, target).item()
+
+
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """(N, H, W, 3) in [0, 1] -> (N, 3, H, W)."""
     return torch.from_numpy(np.ascontiguousarray(images)).float().permute(0, 3, 1, 2)
@@ -204,8 +211,6 @@ def evaluate(run_dir: Path | None, args, embedder, vit: ViTEmbedder, base: dict 
     instance = to_tensor(generate(pipe, args.instance_prompt, seeds, args))
     class_ = to_tensor(generate(pipe, args.class_prompt, seeds, args))
     heldout = load_images(list_images(args.heldout_dir, "--heldout_dir"), resolution)
-    heldout_latents = encode_images(pipe.vae, heldout, flip=False)[0]
-    prediction, target = noise_predictions(pipe, heldout_latents, args.instance_prompt)
     class_latents = encode_images(pipe.vae, class_ * 2 - 1 if base is None else base["class_samples"] * 2 - 1,
                                   flip=False)[0]
     class_prediction = noise_predictions(pipe, class_latents, args.class_prompt)[0]
@@ -214,7 +219,7 @@ def evaluate(run_dir: Path | None, args, embedder, vit: ViTEmbedder, base: dict 
     result = dict(
         subject_sim=subject_similarity(embedder, instance, references),
         colour_dist=colour_distance(instance, references),
-        heldout_loss=F.mse_loss(prediction, target).item(),
+        heldout_loss=heldout_loss(pipe, heldout, args.instance_prompt),
         class_acc=class_accuracy(vit, class_, label),
         instance_class_acc=class_accuracy(vit, instance, label),
         diversity=diversity(embedder, instance),

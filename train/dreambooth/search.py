@@ -31,14 +31,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from psoft_vision.files import atomic_write
 
 from ..common.metrics_files import write_json
-from .diffusion import encode_images
+from . import metrics
 from .images import list_images, load_images
-from .metrics import load_adapted, noise_predictions
 from .subject import DEFAULT_SUBJECT, SUBJECTS, subject_folder
 
 #: Each method's default size flags and learning rate: the centre of stage 1 (what the trainer used before the search).
@@ -104,13 +102,12 @@ def write_text(path: Path, text: str) -> None:
 
 
 def heldout_loss(run: Path, heldout: Path, prompt: str) -> float:
-    """The run's noise-prediction MSE on the held-out views under the instance prompt (fixed noise and timesteps, as
-    train/dreambooth/metrics.py measures it)."""
-    pipe = load_adapted(json.loads((run / "metrics.json").read_text())["args"]["pretrained_model_name_or_path"], run)
+    """The run's held-out loss on the views in ``heldout`` under the instance prompt, as train/dreambooth/metrics.py
+    measures it."""
+    pipeline = json.loads((run / "metrics.json").read_text())["args"]["pretrained_model_name_or_path"]
+    pipe = metrics.load_adapted(pipeline, run)
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    latents = encode_images(pipe.vae, load_images(list_images(heldout, "held-out views"), resolution), flip=False)[0]
-    prediction, target = noise_predictions(pipe, latents, prompt)
-    return F.mse_loss(prediction, target).item()
+    return metrics.heldout_loss(pipe, load_images(list_images(heldout, "held-out views"), resolution), prompt)
 
 
 class Search:
@@ -191,11 +188,14 @@ class Search:
         yield "refine", self.run_all(refine)
 
 
+def every_stage(stages: dict[str, dict[Config, float]]) -> dict[Config, float]:
+    """Every configuration's score, whichever stage ran it."""
+    return {config: score for stage in stages.values() for config, score in stage.items()}
+
+
 def best_configs(stages: dict[str, dict[Config, float]]) -> dict[str, tuple[Config, float]]:
     """Each method's lowest mean held-out loss over every stage."""
-    scored: dict[Config, float] = {}
-    for stage in stages.values():
-        scored.update(stage)
+    scored = every_stage(stages)
     methods = dict.fromkeys(c.method for c in scored)
     return {m: min(((c, s) for c, s in scored.items() if c.method == m), key=lambda cs: cs[1]) for m in methods}
 
@@ -241,9 +241,7 @@ def plot(search: Search, stages: dict[str, dict[Config, float]], path: Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scored: dict[Config, float] = {}
-    for stage in stages.values():
-        scored.update(stage)
+    scored = every_stage(stages)
     methods = list(dict.fromkeys(c.method for c in scored))
     low = min(scored.values())
     top = min(max(scored.values()), low * 1.4) * 1.02
