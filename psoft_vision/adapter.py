@@ -67,6 +67,12 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
+def merge_precision(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` in the dtype a merge computes in: fp32, or the weight's own where it is wider (an fp64 base would
+    otherwise lose its own precision to the merge, not only the update's)."""
+    return weight.to(torch.promote_types(weight.dtype, torch.float32))
+
+
 def fp32(device: torch.device):
     """A context where autocast is off on ``device``: adapters build their transforms in fp32, whatever the autocast
     of the forward that asks for them (a merge or an export then gives the same weights under autocast)."""

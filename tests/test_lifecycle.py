@@ -44,6 +44,17 @@ def test_unmerge_restores_the_pretrained_weights_bit_for_bit(x):
 
 
 @torch.no_grad()
+def test_merging_an_fp64_model_keeps_its_precision(x):
+    """An fp64 base merges in fp64: a merge through fp32 would round every base weight (relative error ~1e-7)."""
+    model, _, _, _ = two_adapters(x)
+    model.double()
+    adapted = model(x.double())
+    pv.merge(model)
+    assert model.blocks[0].attn.qkv.base.weight.dtype == torch.float64
+    assert rel_err(model(x.double()), adapted) <= 1e-12
+
+
+@torch.no_grad()
 def test_merge_by_name_folds_that_adapter_and_those_below(x):
     model, _, _, _ = two_adapters(x)
     adapted = model(x)

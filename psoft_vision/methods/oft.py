@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapter import Adapter, Inner
+from ..adapter import Adapter, Inner, merge_precision
 from ..bases import Base
 from ..config import AdapterConfig, check_int, check_neumann_terms, check_pattern, pattern_match
 from ..errors import BlockSizeError, UnsupportedLayerError
@@ -124,8 +124,8 @@ class OFTAdapter(Adapter):
     def merge_into(self, weight: torch.Tensor) -> torch.Tensor:
         # W' = W R per group: the rows of group g read its input channels, rotated by that group's blocks.
         groups = self.blocks * self.block_size // weight.shape[1]
-        w = weight.float().unflatten(0, (groups, -1)).unflatten(2, (-1, self.block_size))
-        r = self.rotations().unflatten(0, (groups, -1))
+        w = merge_precision(weight).unflatten(0, (groups, -1)).unflatten(2, (-1, self.block_size))
+        r = self.rotations().to(w.dtype).unflatten(0, (groups, -1))
         return torch.einsum("goki...,gkij->gokj...", w, r).flatten(2, 3).flatten(0, 1).to(weight.dtype)
 
     def describe(self) -> dict:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapter import Adapter, Inner, compute_dtype, fp32
+from ..adapter import Adapter, Inner, compute_dtype, fp32, merge_precision
 from ..bases import Base
 from ..config import AdapterConfig, check_int, check_neumann_terms, check_pattern, pattern_match
 from ..errors import ConfigError
@@ -302,9 +302,9 @@ class PSOFTAdapter(Adapter):
             return None
         return self.up_weight(), self.A.float().reshape(-1, *self.weight_shape[1:])
 
-    def delta_weight(self) -> torch.Tensor:
-        """``B (C - I) A`` in the layer's weight shape, fp32."""
-        return (self.up_weight() @ self.A.float()).reshape(self.weight_shape)
+    def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``B (C - I) A`` in the layer's weight shape, in ``dtype`` (fp32 unless a merge into fp64 asks)."""
+        return (self.up_weight().to(dtype) @ self.A.to(dtype)).reshape(self.weight_shape)
 
     def forward(self, x: torch.Tensor, inner: Inner) -> torch.Tensor:
         dtype = compute_dtype(x)
@@ -326,7 +326,8 @@ class PSOFTAdapter(Adapter):
         return inner(x) + F.conv2d(h, up[..., None, None])
 
     def merge_into(self, weight: torch.Tensor) -> torch.Tensor:
-        return (weight.float() + self.delta_weight()).to(weight.dtype)
+        wide = merge_precision(weight)
+        return (wide + self.delta_weight(wide.dtype)).to(weight.dtype)
 
     def describe(self) -> dict:
         return {"rank": self.rank, "chunks": self.chunks, "svd": self.svd, "weight_shape": list(self.weight_shape),
