@@ -463,10 +463,9 @@ def original_name(wrapper: nn.Module, model: nn.Module, name: str) -> str:
         if name.startswith(prefix) and prefix[:-1] in dict(wrapper.named_children()):
             return name.removeprefix(prefix)
     head, _, rest = name.partition(".")
-    children = dict(model.named_children())
-    if head not in children:
-        parent, _, child = head.rpartition("_")
-        head = f"{parent}.{child}"
+    if head not in dict(model.named_children()):  # ``parent_child``, where either name may hold underscores
+        head = next(f"{parent}.{child}" for parent, module in model.named_children()
+                    for child, _ in module.named_children() if head == f"{parent}_{child}")
     return f"{head}.{rest}" if rest else head
 
 

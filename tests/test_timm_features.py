@@ -200,6 +200,17 @@ def test_wrap_then_inject_adapts_the_full_models_layers_of_the_kept_stages(featu
     assert id(model.conv1[0]) in kept and id(model.conv1[0]) not in {id(m) for m in chosen}  # the stem
 
 
+@pytest.mark.parametrize("model_name", ["poolformerv2_s12", "cait_xxs24_224"])
+def test_the_fx_wrapper_adapts_the_full_models_layers_where_only_its_containers_show_the_blocks(model_name):
+    """FeatureGraphNet keeps the modules its graph calls, in plain containers: MetaFormer's blocks are known by its
+    Sequential stages only (it has no group_matcher), and CaiT's group_matcher counts ``len(self.blocks)``."""
+    full = timm.create_model(model_name, pretrained=False)
+    wrapper = timm.create_model(model_name, pretrained=False, features_only=True, feature_cls="fx")
+    kept = {n.removeprefix("graph_module.") for n, _ in wrapper.named_modules()}
+    chosen = {n.removeprefix("graph_module.") for n in pv.targets.select(wrapper, "auto")}
+    assert chosen and chosen == set(pv.targets.select(full, "auto")) & kept
+
+
 # ------------------------------------------------------------------------------------------------------- TorchScript
 @pytest.mark.parametrize("merged", [False, True])
 def test_torchscript_refuses_by_name_and_torch_export_deploys(merged):

@@ -5,6 +5,7 @@ merge, an adapter left out of the forward, a rotation traced in as a constant, a
 wrapper's wrong layer set, and that the table replaces only its own section of docs/models.md."""
 
 import pytest
+import timm
 import torch
 
 import psoft_vision.adapter
@@ -104,6 +105,12 @@ def test_a_wrapper_with_the_wrong_layers_fails_the_features_check(monkeypatch):
     monkeypatch.setattr(psoft_vision.targets.structure, "_feature_wrapper", lambda model: None)
     features = zoo.check_features(zoo.entry_for("regnet"))
     assert features and all(s != "pass" for s in features.values() if not s.startswith("n/a"))
+
+
+def test_wrapper_names_map_back_where_a_stage_name_holds_underscores():
+    full = timm.create_model("dpn48b", pretrained=False)  # features.conv2_1, flattened to features_conv2_1
+    wrapper = timm.create_model("dpn48b", pretrained=False, features_only=True)
+    assert zoo.original_name(wrapper, full, "features_conv2_1.c1x1_a.conv") == "features.conv2_1.c1x1_a.conv"
 
 
 def test_zero_and_layer_scale_parameters_get_signal():

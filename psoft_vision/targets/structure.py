@@ -194,11 +194,13 @@ def _wrapper_targets(model: nn.Module, where: str, whole: bool) -> list[str]:
     prefix = where + "." if where else ""
     if whole:
         return [prefix + name for name in timm_targets(model.get_submodule(where))]
-    full, originals = _with_kept_modules(model, model.get_submodule(where) if where else model)
+    holder = model.get_submodule(where) if where else model
+    full, originals = _with_kept_modules(model, holder)
+    kept = {name for name, _ in holder.named_modules()}
     found = []
     for name in timm_targets(full):
         for original, child in originals.items():
-            if name == original or name.startswith(original + "."):
+            if (name == original or name.startswith(original + ".")) and child + name[len(original):] in kept:
                 found.append(prefix + child + name[len(original):])
     return found
 
@@ -208,6 +210,7 @@ def _with_kept_modules(model: nn.Module, holder: nn.Module) -> tuple[nn.Module, 
     ``{path in that model: name of the holder's child}``: the full model's structure (its ``group_matcher``, the
     stages the wrapper dropped) around the wrapper's real layers."""
     import timm
+    from timm.models._features_fx import FeatureGraphNet
 
     arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     try:
@@ -232,9 +235,30 @@ def _with_kept_modules(model: nn.Module, holder: nn.Module) -> tuple[nn.Module, 
             f"targets='auto' on a timm {type(model).__name__}: {sorted(unknown)} are not modules of {arch!r} as "
             "timm builds it by default. Inject into the full model before wrapping it, or pass targets= the module "
             "names.")
-    for original, child in originals.items():
-        full.set_submodule(original, kept[child])
+    if isinstance(model, FeatureGraphNet):
+        # fx keeps each module the graph calls under its own path, but in plain containers: the full model's own
+        # containers (its Sequential stages, ModuleList blocks and what its group_matcher reads) stay around them
+        leaves = [(name, module) for name, module in candidate_modules(holder)
+                  if isinstance(module, AdaptedLayer) or not any(module.children())]
+        missing = [name for name, _ in leaves if not _has_submodule(full, name)]
+        if missing:
+            raise TargetNotFoundError(
+                f"targets='auto' on a timm FeatureGraphNet: {missing[:3]} are not modules of {arch!r} as timm builds "
+                "it by default. Inject into the full model before wrapping it, or pass targets= the module names.")
+        for name, module in leaves:
+            full.set_submodule(name, module)
+    else:
+        for original, child in originals.items():
+            full.set_submodule(original, kept[child])
     return full, originals
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 # -------------------------------------------------------------------------------------------------- diffusers
