@@ -15,9 +15,11 @@ blocks reaches :data:`NEUMANN_MAX_NORM`. That choice is made on the device (both
 kept), because a Python branch on the norm would wait for the device at every layer of every step.
 """
 
-from functools import cache
+import functools
 
 import torch
+
+from .tracing import fx_tracing
 
 #: Above this Frobenius norm of Q the Neumann series is replaced by the exact solve.
 #: At the bound the truncation error ``||Q||^{K+1}`` is 0.5^5 ~= 3% for K=4, shrinking fast below it.
@@ -29,7 +31,18 @@ def packed_size(size: int) -> int:
     return size * (size - 1) // 2
 
 
-@cache
+def _cached_per_device(build):
+    """``functools.cache`` for index tensors keyed by a device, bypassed while torch.fx traces: the device is then a
+    Proxy, a new key at every trace, which the cache would keep alive with the whole traced graph."""
+    cached = functools.cache(build)
+
+    @functools.wraps(build)
+    def get(*key):
+        return build(*key) if fx_tracing() else cached(*key)
+    return get
+
+
+@_cached_per_device
 def _upper_flat_index(size: int, device: torch.device) -> torch.Tensor:
     # Made outside inference mode even when first asked for inside it: the cached tensor also serves training,
     # and autograd refuses to save an inference tensor.
@@ -38,7 +51,7 @@ def _upper_flat_index(size: int, device: torch.device) -> torch.Tensor:
         return rows * size + cols
 
 
-@cache
+@_cached_per_device
 def _segment_index(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
     with torch.inference_mode(False):
         return torch.repeat_interleave(torch.arange(len(lengths), device=device),

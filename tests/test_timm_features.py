@@ -11,6 +11,7 @@ minutes per tiny model on 2 CPU cores; it agreed to 3e-6 in a manual run).
 """
 
 import functools
+import gc
 
 import pytest
 import timm
@@ -152,6 +153,20 @@ def test_fx_traced_model_computes_the_rotations_and_trains_the_adapters(method):
     optimizer.step()  # the traced module shares the model's parameters
     with torch.no_grad():
         assert rel_err(traced(x), model(x)) <= 1e-5 and rel_err(model(x), out) > 1e-4
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_tracing_keeps_nothing_of_the_trace_alive(method):
+    """Every Proxy, and with it the traced graph and module, is freed with the traced module: tracing a model again
+    and again (a sweep, a feature extractor per task) must not grow memory."""
+    model, _ = adapted("resnet", method)
+    del model  # everything up to here may be collected
+    gc.collect()
+    before = sum(isinstance(o, torch.fx.Proxy) for o in gc.get_objects())
+    traced = torch.fx.symbolic_trace(adapted("resnet", method)[0])
+    del traced
+    gc.collect()
+    assert sum(isinstance(o, torch.fx.Proxy) for o in gc.get_objects()) == before
 
 
 # --------------------------------------------------------------------------------------- features_only wrappers
