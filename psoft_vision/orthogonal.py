@@ -39,6 +39,7 @@ def _cached_per_device(build):
     @functools.wraps(build)
     def get(*key):
         return build(*key) if fx_tracing() else cached(*key)
+    get.cache_clear = cached.cache_clear
     return get
 
 
