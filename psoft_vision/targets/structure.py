@@ -220,7 +220,7 @@ def _with_kept_modules(model: nn.Module, holder: nn.Module) -> tuple[nn.Module, 
         raise TargetNotFoundError(
             f"targets='auto' on a timm {type(model).__name__} reads the layout of the model it wraps, "
             f"pretrained_cfg['architecture']={arch!r}, which could not be built ({type(error).__name__}: {error}). "
-            "Inject into the full model before wrapping it, or pass targets= the module names.") from error
+            f"{_WRAPPER_ADVICE}") from error
     kept = dict(holder.named_children())
     originals = {}
     for name, child in full.named_children():
@@ -229,28 +229,31 @@ def _with_kept_modules(model: nn.Module, holder: nn.Module) -> tuple[nn.Module, 
         elif isinstance(child, nn.Sequential):
             originals.update({f"{name}.{sub}": f"{name}_{sub}" for sub, _ in child.named_children()
                               if f"{name}_{sub}" in kept})
-    unknown = set(kept) - set(originals.values())
-    if unknown:
-        raise TargetNotFoundError(
-            f"targets='auto' on a timm {type(model).__name__}: {sorted(unknown)} are not modules of {arch!r} as "
-            "timm builds it by default. Inject into the full model before wrapping it, or pass targets= the module "
-            "names.")
+    _check_in_default_build(model, arch, sorted(set(kept) - set(originals.values())))
     if isinstance(model, FeatureGraphNet):
         # fx keeps each module the graph calls under its own path, but in plain containers: the full model's own
         # containers (its Sequential stages, ModuleList blocks and what its group_matcher reads) stay around them
         leaves = [(name, module) for name, module in candidate_modules(holder)
                   if isinstance(module, AdaptedLayer) or not any(module.children())]
-        missing = [name for name, _ in leaves if not _has_submodule(full, name)]
-        if missing:
-            raise TargetNotFoundError(
-                f"targets='auto' on a timm FeatureGraphNet: {missing[:3]} are not modules of {arch!r} as timm builds "
-                "it by default. Inject into the full model before wrapping it, or pass targets= the module names.")
+        _check_in_default_build(model, arch, [name for name, _ in leaves if not _has_submodule(full, name)])
         for name, module in leaves:
             full.set_submodule(name, module)
     else:
         for original, child in originals.items():
             full.set_submodule(original, kept[child])
     return full, originals
+
+
+_WRAPPER_ADVICE = "Inject into the full model before wrapping it, or pass targets= the module names."
+
+
+def _check_in_default_build(model: nn.Module, arch: str, unknown: list[str]) -> None:
+    """Raise TargetNotFoundError naming the wrapper's modules (``unknown``) that the default build lacks."""
+    if unknown:
+        more = f" ({len(unknown)} in all)" if len(unknown) > 3 else ""
+        raise TargetNotFoundError(
+            f"targets='auto' on a timm {type(model).__name__}: {unknown[:3]}{more} are not modules of {arch!r} as "
+            f"timm builds it by default. {_WRAPPER_ADVICE}")
 
 
 def _has_submodule(model: nn.Module, name: str) -> bool:
